@@ -1,0 +1,268 @@
+//! The one ABI shared by the eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, and its size is asserted at compile
+//! time, so the kernel and userspace cannot drift apart silently.
+#![no_std]
+
+use core::mem::size_of;
+
+// ---------------------------------------------------------------------------------------------
+// Map names (as they appear in the eBPF object).
+// ---------------------------------------------------------------------------------------------
+
+/// `HashMap<u64 cgroup id, CgroupPolicy>`: which cgroups are policed, and how.
+pub const MAP_CGROUPS: &str = "PAL_CGROUPS";
+/// `LpmTrie<PathKeyData, PathRule>`: exec allow-list, keyed by ruleset id ‖ path.
+pub const MAP_EXEC_RULES: &str = "PAL_EXEC_RULES";
+/// `LpmTrie<PathKeyData, PathRule>`: file rules, keyed by ruleset id ‖ path.
+pub const MAP_FILE_RULES: &str = "PAL_FILE_RULES";
+/// `LpmTrie<NetKeyData, NetRule>`: egress rules, keyed by ruleset id ‖ IPv6 (v4 is v4-mapped).
+pub const MAP_NET_RULES: &str = "PAL_NET_RULES";
+/// `RingBuf` of [`Event`].
+pub const MAP_EVENTS: &str = "PAL_EVENTS";
+/// `LruHashMap<SeenKey, u8>`: learn-mode de-duplication (one event per distinct observation).
+pub const MAP_SEEN: &str = "PAL_SEEN";
+/// `HashMap<InodeKey, u32>`: tier-2 exec backstop, images the agent allowed (value: ruleset).
+pub const MAP_EXEC_INODES: &str = "PAL_EXEC_INODES";
+/// `PerCpuArray<u64>` of counters, indexed by the `STAT_*` constants.
+pub const MAP_STATS: &str = "PAL_STATS";
+
+// Read-only globals the agent sets at load time (struct member offsets from BTF).
+pub const GLOBAL_OFF_BPRM_FILE: &str = "OFF_BPRM_FILE";
+pub const GLOBAL_OFF_BPRM_FILENAME: &str = "OFF_BPRM_FILENAME";
+pub const GLOBAL_OFF_FILE_F_PATH: &str = "OFF_FILE_F_PATH";
+pub const GLOBAL_OFF_FILE_F_INODE: &str = "OFF_FILE_F_INODE";
+pub const GLOBAL_OFF_FILE_F_FLAGS: &str = "OFF_FILE_F_FLAGS";
+pub const GLOBAL_OFF_FILE_F_MODE: &str = "OFF_FILE_F_MODE";
+pub const GLOBAL_OFF_INODE_I_INO: &str = "OFF_INODE_I_INO";
+pub const GLOBAL_OFF_INODE_I_SB: &str = "OFF_INODE_I_SB";
+pub const GLOBAL_OFF_INODE_I_NLINK: &str = "OFF_INODE_I_NLINK";
+pub const GLOBAL_OFF_SB_S_DEV: &str = "OFF_SB_S_DEV";
+pub const GLOBAL_OFF_MSGHDR_MSG_NAME: &str = "OFF_MSGHDR_MSG_NAME";
+pub const GLOBAL_OFF_SOCKET_SK: &str = "OFF_SOCKET_SK";
+pub const GLOBAL_OFF_SOCK_SK_PROTOCOL: &str = "OFF_SOCK_SK_PROTOCOL";
+pub const GLOBAL_OFF_SOCKET_TYPE: &str = "OFF_SOCKET_TYPE";
+
+// ---------------------------------------------------------------------------------------------
+// Sizes.
+// ---------------------------------------------------------------------------------------------
+
+/// LPM trie key data size (the kernel maximum for trie data is 256 bytes).
+pub const PATH_KEY_DATA: usize = 256;
+/// Bytes of the key taken by the ruleset id.
+pub const RULESET_BYTES: usize = 4;
+/// Room for a path including its terminating NUL. Longer paths fail closed in enforce mode.
+pub const PATH_MAX: usize = PATH_KEY_DATA - RULESET_BYTES;
+/// Maximum port ranges per egress trie node (the compiler merges ancestors' ranges in).
+pub const NET_MAX_PORTS: usize = 16;
+/// Bytes of an egress key: ruleset id ‖ 16-byte address.
+pub const NET_KEY_DATA: usize = RULESET_BYTES + 16;
+
+// ---------------------------------------------------------------------------------------------
+// Modes, access bits, verdicts, event kinds, flags.
+// ---------------------------------------------------------------------------------------------
+
+pub const MODE_LEARN: u8 = 1;
+pub const MODE_MONITOR: u8 = 2;
+pub const MODE_ENFORCE: u8 = 3;
+
+/// `CgroupPolicy::flags`: which sections the policy polices (an absent section is not policed).
+pub const POLICE_EXEC: u8 = 1;
+pub const POLICE_FILES: u8 = 2;
+pub const POLICE_NET: u8 = 4;
+/// `CgroupPolicy::flags`: the policy allows fileless (memfd / deleted file) exec explicitly.
+pub const ALLOW_FILELESS: u8 = 8;
+
+/// Access bits (`PathRule::allow`, `Event::access`).
+pub const ACC_EXEC: u8 = 1;
+pub const ACC_READ: u8 = 2;
+pub const ACC_WRITE: u8 = 4;
+
+/// Protocol bits (`PortRange::proto`).
+pub const PROTO_TCP: u8 = 1;
+pub const PROTO_UDP: u8 = 2;
+
+pub const KIND_EXEC: u8 = 1;
+pub const KIND_OPEN: u8 = 2;
+pub const KIND_CONNECT: u8 = 3;
+
+/// Allowed by the rules (only exec audit events carry it).
+pub const VERDICT_ALLOWED: u8 = 1;
+/// Not allowed by the rules, allowed anyway because the mode is monitor.
+pub const VERDICT_VIOLATION: u8 = 2;
+/// Not allowed, denied (enforce).
+pub const VERDICT_DENIED: u8 = 3;
+/// Learn-mode observation (first sighting in this ruleset generation).
+pub const VERDICT_LEARNED: u8 = 4;
+
+/// `Event::flags`.
+pub const EV_FILELESS: u16 = 1;
+/// The path did not fit the key (or `d_path` failed): the event's path is partial or empty.
+pub const EV_TRUNCATED: u16 = 2;
+/// An internal lookup failed; the verdict is the fail-closed one.
+pub const EV_LOOKUP_ERROR: u16 = 4;
+/// Emitted by the tier-2 exec backstop (the process was SIGKILLed before its first instruction).
+pub const EV_KILLED: u16 = 8;
+/// Connect event came from `sendmsg` (unconnected UDP) rather than `connect`.
+pub const EV_SENDMSG: u16 = 16;
+/// Exec audit event: the image filename is as the caller passed it (may be relative).
+pub const EV_FILENAME_AS_PASSED: u16 = 32;
+
+/// `PAL_STATS` indices.
+pub const STAT_RINGBUF_DROPS: u32 = 0;
+pub const STAT_PATH_ERRORS: u32 = 1;
+pub const STAT_DENIED: u32 = 2;
+pub const STAT_VIOLATIONS: u32 = 3;
+pub const STAT_LEARN_DUPES: u32 = 4;
+pub const STAT_COUNT: u32 = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Map keys and values.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `PAL_CGROUPS`. Flipping a cgroup from one ruleset to the next is a single map update,
+/// so a container is never under half a policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupPolicy {
+    /// Stable id of the policy (for events).
+    pub policy_id: u32,
+    /// Id of the compiled rule set in the tries (new for every policy generation).
+    pub ruleset: u32,
+    pub mode: u8,
+    /// `POLICE_*` | `ALLOW_FILELESS`.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Data of an LPM key for path rules: `ruleset` big-endian ‖ path bytes ‖ NUL ‖ zeroes.
+/// Directory rules end in `/` and are stored without NUL, so they match as prefixes; exact
+/// rules include the NUL, so `/etc/shadow` does not match `/etc/shadow.bak`.
+pub type PathKeyData = [u8; PATH_KEY_DATA];
+
+/// Value of the path tries. The compiler materialises inheritance, so the longest match alone
+/// decides: `allow` holds the access bits allowed at this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathRule {
+    /// `ACC_*` bits allowed.
+    pub allow: u8,
+    pub _pad: [u8; 3],
+    /// Index of the source rule that decided (for events; `u32::MAX` = none).
+    pub rule: u32,
+}
+
+/// Data of an LPM key for egress rules: `ruleset` big-endian ‖ IPv6 address (v4 as `::ffff:a.b.c.d`).
+pub type NetKeyData = [u8; NET_KEY_DATA];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+    /// `PROTO_*` bits.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `PAL_NET_RULES`: the union of all port ranges allowed for this prefix (ancestors
+/// included, merged by the compiler).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRule {
+    pub count: u32,
+    pub rule: u32,
+    pub ports: [PortRange; NET_MAX_PORTS],
+}
+
+/// Key of `PAL_SEEN` (learn-mode de-duplication).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenKey {
+    pub kind: u8,
+    pub access: u8,
+    pub port: u16,
+    /// `ruleset` ‖ path or address, as in the trie keys.
+    pub data: [u8; PATH_KEY_DATA],
+}
+
+/// Key of `PAL_EXEC_INODES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub ruleset: u32,
+    /// Kernel `dev_t` of the superblock (`MKDEV` encoding: major << 20 | minor).
+    pub dev: u32,
+    pub ino: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event record (ring buffer).
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub policy_id: u32,
+    pub ruleset: u32,
+    /// Source rule that decided, `u32::MAX` for none.
+    pub rule: u32,
+    pub kind: u8,
+    pub verdict: u8,
+    pub mode: u8,
+    /// `ACC_*` for exec/open, `PROTO_*` for connect.
+    pub access: u8,
+    pub flags: u16,
+    /// Destination port (host order) for connect.
+    pub port: u16,
+    /// Length of `path` excluding NUL (0 when unknown).
+    pub path_len: u16,
+    /// `AF_INET` / `AF_INET6` for connect.
+    pub family: u16,
+    pub _pad: [u8; 4],
+    /// Destination address (v4 as v4-mapped v6).
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+    pub path: [u8; PATH_MAX],
+}
+
+// Compile-time layout checks: the sizes below are the sum of the fields, so there is no implicit
+// padding anywhere.
+const _: () = assert!(size_of::<CgroupPolicy>() == 16);
+const _: () = assert!(size_of::<PathRule>() == 8);
+const _: () = assert!(size_of::<PortRange>() == 8);
+const _: () = assert!(size_of::<NetRule>() == 8 + 8 * NET_MAX_PORTS);
+const _: () = assert!(size_of::<SeenKey>() == 4 + PATH_KEY_DATA);
+const _: () = assert!(size_of::<InodeKey>() == 16);
+const _: () = assert!(size_of::<Event>() == 8 + 8 + 5 * 4 + 4 + 2 * 4 + 4 + 16 + 16 + PATH_MAX);
+const _: () = assert!(size_of::<Event>() % 8 == 0);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain-old-data, `#[repr(C)]`, no implicit padding (asserted above).
+    unsafe impl aya::Pod for CgroupPolicy {}
+    unsafe impl aya::Pod for PathRule {}
+    unsafe impl aya::Pod for PortRange {}
+    unsafe impl aya::Pod for NetRule {}
+    unsafe impl aya::Pod for SeenKey {}
+    unsafe impl aya::Pod for InodeKey {}
+    unsafe impl aya::Pod for Event {}
+}
+
+impl Event {
+    /// The path bytes (without NUL).
+    pub fn path_bytes(&self) -> &[u8] {
+        let n = (self.path_len as usize).min(PATH_MAX);
+        &self.path[..n]
+    }
+}
+
+/// Encode a ruleset id the way the tries expect it (big-endian, so it is the key's prefix).
+pub const fn ruleset_bytes(ruleset: u32) -> [u8; 4] {
+    ruleset.to_be_bytes()
+}
