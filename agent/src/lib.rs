@@ -7,4 +7,5 @@
 //! - [`events`]: typed events and the fan-out pipeline.
 //! - [`api`]: gRPC services and the CLI client.
 pub mod containers;
+pub mod events;
 pub mod policy;

@@ -1,0 +1,2 @@
+//! Typed events and the fan-out pipeline to subscribers.
+pub mod model;
