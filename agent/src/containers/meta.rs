@@ -35,6 +35,15 @@ pub struct ContainerMeta {
     pub pod: Option<PodMeta>,
     /// False when metadata could not be fetched (runtime socket unreachable).
     pub metadata_known: bool,
+    /// Main (init) pid of the container, when known: from the runtime, else the first pid
+    /// found in the container's cgroup. Used to reach its mounts via `/proc/<pid>/root`.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// cgroup ids of cgroups *below* the container's own (systemd in the container, runc's
+    /// split cgroups, ...). Processes there report these ids, so kernel lookups keyed by cgroup
+    /// id need them too.
+    #[serde(default)]
+    pub nested_cgroup_ids: Vec<u64>,
 }
 
 /// Kubernetes pod metadata (from CRI labels/annotations).
