@@ -12,6 +12,10 @@ use core::mem::size_of;
 
 /// `HashMap<u64 cgroup id, CgroupPolicy>`: which cgroups are policed, and how.
 pub const MAP_CGROUPS: &str = "PAL_CGROUPS";
+/// `HashMap<CgroupPathKey, CgroupPolicy>`: policies waiting for a cgroup that does not exist yet
+/// (keyed by its path relative to the cgroup2 mount). The `cgroup_mkdir` hook moves the entry
+/// into `PAL_CGROUPS` the moment the cgroup is created, before any process can enter it.
+pub const MAP_PENDING: &str = "PAL_PENDING";
 /// `LpmTrie<PathKeyData, PathRule>`: exec allow-list, keyed by ruleset id ‖ path.
 pub const MAP_EXEC_RULES: &str = "PAL_EXEC_RULES";
 /// `LpmTrie<PathKeyData, PathRule>`: file rules, keyed by ruleset id ‖ path.
@@ -32,16 +36,26 @@ pub const GLOBAL_OFF_BPRM_FILE: &str = "OFF_BPRM_FILE";
 pub const GLOBAL_OFF_BPRM_FILENAME: &str = "OFF_BPRM_FILENAME";
 pub const GLOBAL_OFF_FILE_F_PATH: &str = "OFF_FILE_F_PATH";
 pub const GLOBAL_OFF_FILE_F_INODE: &str = "OFF_FILE_F_INODE";
-pub const GLOBAL_OFF_FILE_F_FLAGS: &str = "OFF_FILE_F_FLAGS";
 pub const GLOBAL_OFF_FILE_F_MODE: &str = "OFF_FILE_F_MODE";
 pub const GLOBAL_OFF_INODE_I_INO: &str = "OFF_INODE_I_INO";
 pub const GLOBAL_OFF_INODE_I_SB: &str = "OFF_INODE_I_SB";
 pub const GLOBAL_OFF_INODE_I_NLINK: &str = "OFF_INODE_I_NLINK";
 pub const GLOBAL_OFF_SB_S_DEV: &str = "OFF_SB_S_DEV";
 pub const GLOBAL_OFF_MSGHDR_MSG_NAME: &str = "OFF_MSGHDR_MSG_NAME";
-pub const GLOBAL_OFF_SOCKET_SK: &str = "OFF_SOCKET_SK";
-pub const GLOBAL_OFF_SOCK_SK_PROTOCOL: &str = "OFF_SOCK_SK_PROTOCOL";
 pub const GLOBAL_OFF_SOCKET_TYPE: &str = "OFF_SOCKET_TYPE";
+pub const GLOBAL_OFF_PATH_DENTRY: &str = "OFF_PATH_DENTRY";
+pub const GLOBAL_OFF_DENTRY_D_HASH_PPREV: &str = "OFF_DENTRY_D_HASH_PPREV";
+pub const GLOBAL_OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
+pub const GLOBAL_OFF_NSPROXY_MNT_NS: &str = "OFF_NSPROXY_MNT_NS";
+pub const GLOBAL_OFF_MNT_NS_INUM: &str = "OFF_MNT_NS_INUM";
+pub const GLOBAL_OFF_CGROUP_KN: &str = "OFF_CGROUP_KN";
+pub const GLOBAL_OFF_KERNFS_NODE_ID: &str = "OFF_KERNFS_NODE_ID";
+pub const GLOBAL_OFF_CGROUP_ROOT: &str = "OFF_CGROUP_ROOT";
+pub const GLOBAL_OFF_CGROUP_ROOT_HIERARCHY_ID: &str = "OFF_CGROUP_ROOT_HIERARCHY_ID";
+/// Inode number of the agent's (host) mount namespace.
+pub const GLOBAL_HOST_MNTNS: &str = "HOST_MNTNS";
+/// Non-zero: the tier-2 exec backstop is active (`sched_process_exec` kills/stops images).
+pub const GLOBAL_BACKSTOP: &str = "BACKSTOP";
 
 // ---------------------------------------------------------------------------------------------
 // Sizes.
@@ -72,6 +86,10 @@ pub const POLICE_FILES: u8 = 2;
 pub const POLICE_NET: u8 = 4;
 /// `CgroupPolicy::flags`: the policy allows fileless (memfd / deleted file) exec explicitly.
 pub const ALLOW_FILELESS: u8 = 8;
+/// `CgroupPolicy::flags`: a runtime container; operations of processes still in the host mount
+/// namespace (the runtime's own `runc init` before `pivot_root`) are not the workload's and are
+/// not policed. Never set for cgroups bound by path.
+pub const CONTAINER: u8 = 16;
 
 /// Access bits (`PathRule::allow`, `Event::access`).
 pub const ACC_EXEC: u8 = 1;
@@ -85,6 +103,8 @@ pub const PROTO_UDP: u8 = 2;
 pub const KIND_EXEC: u8 = 1;
 pub const KIND_OPEN: u8 = 2;
 pub const KIND_CONNECT: u8 = 3;
+/// A pending policy was bound to a new cgroup by the `cgroup_mkdir` hook.
+pub const KIND_CGROUP_BOUND: u8 = 4;
 
 /// Allowed by the rules (only exec audit events carry it).
 pub const VERDICT_ALLOWED: u8 = 1;
@@ -107,6 +127,9 @@ pub const EV_KILLED: u16 = 8;
 pub const EV_SENDMSG: u16 = 16;
 /// Exec audit event: the image filename is as the caller passed it (may be relative).
 pub const EV_FILENAME_AS_PASSED: u16 = 32;
+/// Tier-2 backstop: the image is not known to be allowed; the process was SIGSTOPped before its
+/// first instruction and waits for the agent's verdict (SIGCONT or SIGKILL).
+pub const EV_STOPPED: u16 = 64;
 
 /// `PAL_STATS` indices.
 pub const STAT_RINGBUF_DROPS: u32 = 0;
@@ -186,6 +209,10 @@ pub struct SeenKey {
     pub data: [u8; PATH_KEY_DATA],
 }
 
+/// Bytes of a `PAL_PENDING` key (cgroup path, NUL-padded).
+pub const CGROUP_PATH_KEY: usize = 128;
+pub type CgroupPathKey = [u8; CGROUP_PATH_KEY];
+
 /// Key of `PAL_EXEC_INODES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -194,6 +221,11 @@ pub struct InodeKey {
     /// Kernel `dev_t` of the superblock (`MKDEV` encoding: major << 20 | minor).
     pub dev: u32,
     pub ino: u64,
+}
+
+/// Kernel-internal `dev_t` (major << 20 | minor) from a userspace `st_dev`.
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | minor
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -205,12 +237,16 @@ pub struct InodeKey {
 pub struct Event {
     pub ts_ns: u64,
     pub cgroup_id: u64,
+    /// Exec: inode number of the image (tier-2 backstop).
+    pub ino: u64,
     pub pid: u32,
     pub tgid: u32,
     pub policy_id: u32,
     pub ruleset: u32,
     /// Source rule that decided, `u32::MAX` for none.
     pub rule: u32,
+    /// Exec: kernel dev_t of the image's superblock.
+    pub dev: u32,
     pub kind: u8,
     pub verdict: u8,
     pub mode: u8,
@@ -223,7 +259,6 @@ pub struct Event {
     pub path_len: u16,
     /// `AF_INET` / `AF_INET6` for connect.
     pub family: u16,
-    pub _pad: [u8; 4],
     /// Destination address (v4 as v4-mapped v6).
     pub addr: [u8; 16],
     pub comm: [u8; 16],
@@ -238,7 +273,7 @@ const _: () = assert!(size_of::<PortRange>() == 8);
 const _: () = assert!(size_of::<NetRule>() == 8 + 8 * NET_MAX_PORTS);
 const _: () = assert!(size_of::<SeenKey>() == 4 + PATH_KEY_DATA);
 const _: () = assert!(size_of::<InodeKey>() == 16);
-const _: () = assert!(size_of::<Event>() == 8 + 8 + 5 * 4 + 4 + 2 * 4 + 4 + 16 + 16 + PATH_MAX);
+const _: () = assert!(size_of::<Event>() == 3 * 8 + 6 * 4 + 4 + 4 * 2 + 16 + 16 + PATH_MAX);
 const _: () = assert!(size_of::<Event>() % 8 == 0);
 
 #[cfg(feature = "user")]

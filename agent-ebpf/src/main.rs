@@ -1,2 +1,27 @@
+//! Palisade eBPF programs: one file per kernel hook; shared pieces in `maps`, `offsets`, `path`
+//! and `decide`.
 #![no_std]
 #![no_main]
+#![allow(static_mut_refs)]
+
+mod cgroup_mkdir;
+mod connect;
+mod decide;
+mod exec;
+mod maps;
+mod net;
+mod offsets;
+mod open;
+mod path;
+mod sched_exec;
+mod sock_addr;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,87 @@
+//! Tier 1: `lsm/socket_connect` and `lsm/socket_sendmsg` (UDP with an explicit destination).
+use agent_common::{EV_SENDMSG, EV_TRUNCATED};
+use aya_ebpf::{macros::lsm, programs::LsmContext};
+
+use crate::{
+    decide,
+    net::{self, AF_INET, AF_INET6, Dest, SOCK_DGRAM},
+    offsets::{get, read},
+};
+
+const EPERM: i32 = decide::EPERM;
+
+#[lsm(hook = "socket_connect")]
+pub fn socket_connect(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval.clamp(-4095, 0);
+    }
+    let Some(sub) = decide::current() else { return 0 };
+    let sock: *const u8 = ctx.arg(0);
+    let addr: *const u8 = ctx.arg(1);
+    let addrlen: i32 = ctx.arg(2);
+    verdict(&sub, sock, addr, addrlen, 0)
+}
+
+#[lsm(hook = "socket_sendmsg")]
+pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval.clamp(-4095, 0);
+    }
+    let Some(sub) = decide::current() else { return 0 };
+    let sock: *const u8 = ctx.arg(0);
+    let msg: *const u8 = ctx.arg(1);
+    // SAFETY: probe reads of kernel memory at BTF-derived offsets.
+    let sock_type = unsafe { read::<u16>(sock, get::OFF_SOCKET_TYPE()) }.unwrap_or(0) as u32;
+    if sock_type != SOCK_DGRAM {
+        // Stream sockets are policed at connect.
+        return 0;
+    }
+    let Ok(name) = (unsafe { read::<*const u8>(msg, get::OFF_MSGHDR_MSG_NAME()) }) else {
+        return if decide::judge(&sub.pol, false).1 { -EPERM } else { 0 };
+    };
+    if name.is_null() {
+        // Connected UDP: its destination was policed at connect.
+        return 0;
+    }
+    verdict(&sub, sock, name, 128, EV_SENDMSG)
+}
+
+#[inline(always)]
+fn verdict(sub: &decide::Subject, sock: *const u8, addr: *const u8, addrlen: i32, flags: u16) -> i32 {
+    // SAFETY: probe reads of kernel memory.
+    let family = unsafe { read::<u16>(addr, 0) }.unwrap_or(0);
+    if family != AF_INET && family != AF_INET6 {
+        return 0;
+    }
+    let sock_type = unsafe { read::<u16>(sock, get::OFF_SOCKET_TYPE()) }.unwrap_or(0) as u32;
+    let mut d = Dest { family, addr: [0; 16], port: 0, proto: net::proto_bits(sock_type) };
+    let mut flags = flags;
+    let port = unsafe { read::<u16>(addr, 2) };
+    let ok = if family == AF_INET {
+        let a = unsafe { read::<[u8; 4]>(addr, 4) };
+        match (addrlen >= 16, port, a) {
+            (true, Ok(p), Ok(a)) => {
+                d.port = u16::from_be(p);
+                d.addr = net::v4_mapped(a);
+                true
+            }
+            _ => false,
+        }
+    } else {
+        let a = unsafe { read::<[u8; 16]>(addr, 8) };
+        match (addrlen >= 24, port, a) {
+            (true, Ok(p), Ok(a)) => {
+                d.port = u16::from_be(p);
+                d.addr = a;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !ok {
+        flags |= EV_TRUNCATED;
+    }
+    if net::decide(sub, &d, flags) { 0 } else { -EPERM }
+}
