@@ -61,7 +61,9 @@ fn unescape_mountinfo(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -164,7 +166,10 @@ mod tests {
             parse_cgroup2_mount(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
-        assert_eq!(parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/sda rw"), None);
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/sda rw"),
+            None
+        );
     }
 
     #[test]

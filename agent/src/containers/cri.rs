@@ -43,15 +43,18 @@ impl CriClient {
         };
         let path = socket.to_path_buf();
         // The URI is ignored by the connector; tonic only needs a syntactically valid one.
-        let channel = Endpoint::from_static("http://[::]:50051")
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(|e| unreachable(format!("{e:?}")))?;
+        let channel =
+            Endpoint::from_static("http://[::]:50051")
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .map_err(|e| unreachable(format!("{e:?}")))?;
         let mut client = RuntimeServiceClient::new(channel);
         let version = client
             .version(VersionRequest {
@@ -181,13 +184,22 @@ pub fn container_from_cri(
         .collect();
     let label = |k: &str| labels.get(k).cloned();
     let sandbox_meta = sandbox.and_then(|s| s.metadata.as_ref());
-    let pod = match (label(LABEL_POD_NAME), label(LABEL_POD_NAMESPACE), label(LABEL_POD_UID)) {
+    let pod = match (
+        label(LABEL_POD_NAME),
+        label(LABEL_POD_NAMESPACE),
+        label(LABEL_POD_UID),
+    ) {
         (Some(name), Some(namespace), Some(uid)) => Some(PodMeta {
             name,
             namespace,
             uid,
             labels: sandbox
-                .map(|s| s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .map(|s| {
+                    s.labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }),
         // Labels missing (not a kubelet-made container): fall back to the sandbox metadata.
@@ -196,13 +208,22 @@ pub fn container_from_cri(
             namespace: m.namespace.clone(),
             uid: m.uid.clone(),
             labels: sandbox
-                .map(|s| s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .map(|s| {
+                    s.labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }),
     };
     let image = status.image.as_ref().and_then(|i| {
         let user = i.user_specified_image.as_str();
-        let name = if user.is_empty() { i.image.as_str() } else { user };
+        let name = if user.is_empty() {
+            i.image.as_str()
+        } else {
+            user
+        };
         (!name.is_empty()).then(|| name.to_owned())
     });
     RuntimeContainer {
@@ -242,7 +263,10 @@ mod tests {
             labels: HashMap::from([
                 (LABEL_POD_NAME.into(), "web-7d9f".into()),
                 (LABEL_POD_NAMESPACE.into(), "shop".into()),
-                (LABEL_POD_UID.into(), "8e2b1d0c-4f3a-4b6e-9a1d-2c3b4d5e6f70".into()),
+                (
+                    LABEL_POD_UID.into(),
+                    "8e2b1d0c-4f3a-4b6e-9a1d-2c3b4d5e6f70".into(),
+                ),
                 ("io.kubernetes.container.name".into(), "web".into()),
             ]),
             ..Default::default()
@@ -265,7 +289,10 @@ mod tests {
         assert_eq!(m.image_digest.as_deref(), Some("sha256:abcd"));
         assert_eq!(m.pid, Some(31337));
         let pod = m.pod.unwrap();
-        assert_eq!((pod.name.as_str(), pod.namespace.as_str()), ("web-7d9f", "shop"));
+        assert_eq!(
+            (pod.name.as_str(), pod.namespace.as_str()),
+            ("web-7d9f", "shop")
+        );
         assert_eq!(pod.uid, "8e2b1d0c-4f3a-4b6e-9a1d-2c3b4d5e6f70");
         assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(m.labels.len(), 4);

@@ -75,25 +75,39 @@ impl DockerClient {
         Ok(container_from_inspect(&c, image.as_ref()))
     }
 
-    /// Ids of all containers the daemon knows (running or not).
-    pub async fn list_ids(&self) -> Result<Vec<String>, MetadataError> {
+    /// (id, state) of all containers the daemon knows, running or not. States are Docker's:
+    /// `created`, `running`, `paused`, `restarting`, `exited`, `dead`, `removing`.
+    pub async fn list(&self) -> Result<Vec<(String, String)>, MetadataError> {
         let opts = ListContainersOptionsBuilder::new().all(true).build();
         let list = self
             .docker
             .list_containers(Some(opts))
             .await
             .map_err(|e| map_err(&self.socket, "", e))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let state = c.state.map(|s| s.to_string()).unwrap_or_default();
+                Some((c.id?, state))
+            })
+            .collect())
     }
 
-    /// Container lifecycle events, from now on. The stream ends (or yields an error) when the
-    /// daemon goes away; the caller reconnects.
-    pub fn events(&self) -> impl Stream<Item = Result<DockerEvent, MetadataError>> + use<> {
+    /// Container lifecycle events since `since` (unix seconds; events are replayed from then,
+    /// so a caller that resyncs after subscribing misses nothing). The stream ends (or yields
+    /// an error) when the daemon goes away; the caller reconnects.
+    pub fn events(
+        &self,
+        since: i64,
+    ) -> impl Stream<Item = Result<DockerEvent, MetadataError>> + use<> {
         let filters = std::collections::HashMap::from([
             ("type", vec!["container"]),
             ("event", vec!["create", "start", "die", "destroy"]),
         ]);
-        let opts = EventsOptionsBuilder::new().filters(&filters).build();
+        let opts = EventsOptionsBuilder::new()
+            .since(&since.to_string())
+            .filters(&filters)
+            .build();
         let socket = self.socket.clone();
         self.docker.events(Some(opts)).filter_map(move |r| match r {
             Ok(msg) => parse_event(&msg).map(Ok),

@@ -22,7 +22,9 @@ pub struct ParsedCgroup {
 }
 
 fn is_container_id(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `prefix<id>` or `prefix<id>.scope` → `id`, when `id` is a container id.
@@ -33,7 +35,11 @@ fn strip_id<'a>(component: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// Recognises one path component; `parent` is the previous component ("" at the top).
-fn container_component(parent: &str, component: &str, under_pod: bool) -> Option<(Runtime, String)> {
+fn container_component(
+    parent: &str,
+    component: &str,
+    under_pod: bool,
+) -> Option<(Runtime, String)> {
     // Order matters: `crio-conmon-<id>` and `libpod-conmon-<id>` are the runtime monitor, not
     // the container; they fail `strip_id` because "conmon-<id>" is not 64 hex.
     let prefixes = [
@@ -93,7 +99,8 @@ pub fn parse_cgroup_path(path: &str) -> Option<ParsedCgroup> {
         if pod.is_none() {
             pod = pod_uid(component);
         }
-        if let Some((runtime, container_id)) = container_component(parent, component, pod.is_some()) {
+        if let Some((runtime, container_id)) = container_component(parent, component, pod.is_some())
+        {
             return Some(ParsedCgroup {
                 runtime,
                 container_id,
@@ -121,7 +128,10 @@ mod tests {
 
     #[test]
     fn docker_cgroupfs_and_systemd() {
-        assert_eq!(parse(&format!("/docker/{ID}")), (Runtime::Docker, ID.into(), None, false));
+        assert_eq!(
+            parse(&format!("/docker/{ID}")),
+            (Runtime::Docker, ID.into(), None, false)
+        );
         assert_eq!(
             parse(&format!("/system.slice/docker-{ID}.scope")),
             (Runtime::Docker, ID.into(), None, false)
@@ -134,7 +144,11 @@ mod tests {
     fn kubernetes_cgroupfs_qos_classes() {
         for qos in ["/kubepods/burstable", "/kubepods/besteffort", "/kubepods"] {
             let p = format!("{qos}/pod{UID}/{ID}");
-            assert_eq!(parse(&p), (Runtime::Containerd, ID.into(), Some(UID.into()), false), "{p}");
+            assert_eq!(
+                parse(&p),
+                (Runtime::Containerd, ID.into(), Some(UID.into()), false),
+                "{p}"
+            );
         }
         // CRI-O with the cgroupfs manager.
         assert_eq!(
@@ -154,17 +168,28 @@ mod tests {
         );
         let guaranteed = format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope");
         for p in [burstable, besteffort, guaranteed] {
-            assert_eq!(parse(&p), (Runtime::Containerd, ID.into(), Some(UID.into()), false), "{p}");
+            assert_eq!(
+                parse(&p),
+                (Runtime::Containerd, ID.into(), Some(UID.into()), false),
+                "{p}"
+            );
         }
-        let crio = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-{ID}.scope");
-        assert_eq!(parse(&crio), (Runtime::Crio, ID.into(), Some(UID.into()), false));
+        let crio = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-{ID}.scope"
+        );
+        assert_eq!(
+            parse(&crio),
+            (Runtime::Crio, ID.into(), Some(UID.into()), false)
+        );
     }
 
     #[test]
     fn runtime_monitors_and_pod_slices_are_not_containers() {
         let u = UID.replace('-', "_");
         for p in [
-            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-conmon-{ID}.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-conmon-{ID}.scope"
+            ),
             format!("/machine.slice/libpod-conmon-{ID}.scope"),
             format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
             format!("/kubepods/burstable/pod{UID}"),
@@ -201,9 +226,15 @@ mod tests {
     fn nested_cgroups_belong_to_the_outer_container() {
         let inner = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         for (p, top) in [
-            (format!("/system.slice/docker-{ID}.scope/init.scope"), format!("/system.slice/docker-{ID}.scope")),
+            (
+                format!("/system.slice/docker-{ID}.scope/init.scope"),
+                format!("/system.slice/docker-{ID}.scope"),
+            ),
             (format!("/docker/{ID}/sub"), format!("/docker/{ID}")),
-            (format!("/docker/{ID}/docker/{inner}"), format!("/docker/{ID}")),
+            (
+                format!("/docker/{ID}/docker/{inner}"),
+                format!("/docker/{ID}"),
+            ),
         ] {
             let r = parse_cgroup_path(&p).unwrap();
             assert_eq!((r.container_id.as_str(), r.nested), (ID, true), "{p}");
@@ -214,7 +245,10 @@ mod tests {
     #[test]
     fn pod_uid_forms() {
         assert_eq!(pod_uid(&format!("pod{UID}")), Some(UID.into()));
-        assert_eq!(pod_uid(&format!("kubepods-pod{}.slice", UID.replace('-', "_"))), Some(UID.into()));
+        assert_eq!(
+            pod_uid(&format!("kubepods-pod{}.slice", UID.replace('-', "_"))),
+            Some(UID.into())
+        );
         assert_eq!(pod_uid("podman.slice"), None);
         assert_eq!(pod_uid(&format!("user-pod{UID}.slice")), None);
     }
