@@ -11,3 +11,4 @@ pub mod containers;
 pub mod enforce;
 pub mod events;
 pub mod policy;
+pub mod api;
