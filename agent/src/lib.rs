@@ -6,6 +6,7 @@
 //! - [`containers`]: cgroup discovery, runtime id parsing, metadata, inventory.
 //! - [`events`]: typed events and the fan-out pipeline.
 //! - [`api`]: gRPC services and the CLI client.
+pub mod bpf;
 pub mod containers;
 pub mod enforce;
 pub mod events;
