@@ -1,3 +1,3 @@
 //! Typed events and the fan-out pipeline to subscribers.
-pub mod model;
 pub mod bus;
+pub mod model;
