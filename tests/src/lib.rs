@@ -1,1 +1,4 @@
-
+//! Shared helpers for Palisade's integration tests (root, real kernel, real containers).
+pub mod cgroup;
+pub mod events;
+pub mod docker;
