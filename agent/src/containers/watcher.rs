@@ -171,10 +171,10 @@ impl CgroupWatcher {
         let dir = parent.join(name);
         if mask.contains(EventMask::CREATE) {
             self.scan(&dir);
-        } else if mask.contains(EventMask::DELETE) {
-            if let Ok(rel) = relative_path(&self.root, &dir) {
-                self.inventory.remove_cgroup(&rel);
-            }
+        } else if mask.contains(EventMask::DELETE)
+            && let Ok(rel) = relative_path(&self.root, &dir)
+        {
+            self.inventory.remove_cgroup(&rel);
         }
     }
 }
