@@ -26,6 +26,7 @@ pub(crate) struct Inner {
     pub running: AtomicBool,
     holder: Mutex<Option<Holder>>,
     adopted: bool,
+    orphans_denied: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Group {
@@ -60,6 +61,7 @@ impl Group {
                 running: AtomicBool::new(false),
                 holder: Mutex::new(holder),
                 adopted,
+                orphans_denied: Default::default(),
             }),
         }
     }
@@ -79,6 +81,7 @@ impl Group {
         if let Some((fd, h)) = holder::adopt(state_dir)? {
             let group = Group::from_fd(fd, Some(h), true);
             let denied = group.deny_orphans();
+            group.inner.orphans_denied.store(denied, Ordering::Relaxed);
             group.flush_cache()?;
             tracing::info!(denied, "adopted fanotify group from holder");
             return Ok(group);
@@ -91,6 +94,11 @@ impl Group {
     /// True if this group was taken over from a holder (the agent restarted).
     pub fn adopted(&self) -> bool {
         self.inner.adopted
+    }
+
+    /// Events left unanswered by the previous agent and denied at adoption.
+    pub fn orphans_denied(&self) -> usize {
+        self.inner.orphans_denied.load(Ordering::Relaxed)
     }
 
     /// Pid of the holder process, if any.

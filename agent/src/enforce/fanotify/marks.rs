@@ -167,7 +167,7 @@ fn mark_entries(
             continue;
         };
         let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_MOUNT;
-        sys::fanotify_mark_fd(group, flags, MARK_MASK, fd.as_fd()).map_err(|source| {
+        sys::fanotify_mark_opath(group, flags, MARK_MASK, fd.as_fd()).map_err(|source| {
             Error::Mark {
                 what: format!(
                     "mount {} ({}, {})",
@@ -233,7 +233,7 @@ pub(crate) fn unmark(group: BorrowedFd<'_>, set: MarkSet) -> Result<()> {
             continue;
         };
         let flags = libc::FAN_MARK_REMOVE | libc::FAN_MARK_MOUNT;
-        match sys::fanotify_mark_fd(group, flags, MARK_MASK, fd.as_fd()) {
+        match sys::fanotify_mark_opath(group, flags, MARK_MASK, fd.as_fd()) {
             Ok(()) => {}
             // Never marked by this group (e.g. adopted after a restart and not re-marked).
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}

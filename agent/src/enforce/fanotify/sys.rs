@@ -48,6 +48,30 @@ pub fn fanotify_mark_fd(
     .map(drop)
 }
 
+/// Marks the object an `O_PATH` descriptor refers to. `fanotify_mark` rejects `O_PATH`
+/// descriptors as `dirfd` with a NULL path (EBADF) and has no `AT_EMPTY_PATH`, so the mark goes
+/// through the `/proc/self/fd/N` magic link, which resolves to exactly that mount and dentry.
+pub fn fanotify_mark_opath(
+    group: BorrowedFd<'_>,
+    flags: libc::c_uint,
+    mask: u64,
+    target: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let path = CString::new(format!("/proc/self/fd/{}", target.as_raw_fd()))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    cvt(unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            flags,
+            mask,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+        )
+    })
+    .map(drop)
+}
+
 /// `fanotify_mark` without a target object (used for `FAN_MARK_FLUSH`).
 pub fn fanotify_mark_flush(group: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
     let root = c"/";
