@@ -1,0 +1,274 @@
+//! Tier 2 (no BPF-LSM): egress by cgroup sock_addr hooks attached per policed cgroup; exec and
+//! open by fanotify permission events on the container's mounts; and the eBPF exec backstop,
+//! whose stopped execs this backend answers (SIGCONT when allowed, SIGKILL when not).
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use agent_common::{self as abi, ACC_EXEC, ACC_READ, ACC_WRITE, InodeKey};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tracing::{debug, warn};
+
+use super::{
+    Backend, EnforceError,
+    fanotify::{self, DecisionThread, Decider, Group, MarkSet, Request, Verdict},
+    rules::ExecInodes,
+    snapshot::{self, SharedSnapshot},
+};
+use crate::{
+    bpf::loader::{Loaded, Tier},
+    events::model::{self as ev, Event, Kind, Source},
+};
+
+/// Where backends report what they decided in userspace.
+pub type Reporter = Arc<dyn Fn(Event) + Send + Sync>;
+
+pub struct CompatBackend {
+    loaded: Loaded,
+    group: Option<Group>,
+    _thread: Option<DecisionThread>,
+    marks: HashMap<u64, MarkSet>,
+    cgroup_dirs: HashMap<u64, PathBuf>,
+    snapshot: SharedSnapshot,
+    exec_inodes: ExecInodes,
+    report: Reporter,
+}
+
+impl CompatBackend {
+    /// `state_dir` holds the fanotify holder's pidfile; `None` disables fanotify (egress and
+    /// the exec backstop still enforce).
+    pub fn new(
+        loaded: Loaded,
+        state_dir: Option<&Path>,
+        snapshot: SharedSnapshot,
+        exec_inodes: ExecInodes,
+        report: Reporter,
+    ) -> Result<Self, EnforceError> {
+        let (group, thread) = match state_dir {
+            Some(dir) => {
+                let group = Group::open_or_adopt(dir)?;
+                let decider = Arc::new(PolicyDecider {
+                    snapshot: snapshot.clone(),
+                    exec_inodes: exec_inodes.clone(),
+                    report: report.clone(),
+                    learned: Mutex::new(HashSet::new()),
+                });
+                let thread = group.spawn_decider(decider)?;
+                (Some(group), Some(thread))
+            }
+            None => (None, None),
+        };
+        Ok(CompatBackend {
+            loaded,
+            group,
+            _thread: thread,
+            marks: HashMap::new(),
+            cgroup_dirs: HashMap::new(),
+            snapshot,
+            exec_inodes,
+            report,
+        })
+    }
+
+    /// Mark the mounts of the container that `pid` lives in, once per cgroup.
+    fn ensure_marked(&mut self, cgroup_id: u64, pid: i32) {
+        let Some(group) = &self.group else { return };
+        if let Some(set) = self.marks.get_mut(&cgroup_id) {
+            let _ = group.rescan(set);
+            return;
+        }
+        match group.mark_container(pid) {
+            Ok(set) => {
+                self.marks.insert(cgroup_id, set);
+            }
+            Err(e) => warn!(cgroup_id, pid, error = %e, "cannot mark container mounts"),
+        }
+    }
+
+    /// Handle one kernel exec event (tier 2): answer a stopped exec, and mark the container's
+    /// mounts on its first exec. Returns the event to publish, if any.
+    pub fn on_exec_event(&mut self, k: &abi::Event) -> Option<Event> {
+        let pid = k.tgid as i32;
+        if self.group.is_some() && !self.marks.contains_key(&k.cgroup_id) {
+            // The process is stopped (enforce) or running in its own mount namespace: marking
+            // through /proc/<pid>/root reaches the container's mounts either way.
+            self.ensure_marked(k.cgroup_id, pid);
+        }
+        if k.flags & abi::EV_STOPPED == 0 {
+            return None;
+        }
+        let b = snapshot::binding(&self.snapshot, k.cgroup_id);
+        let path = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.into_os_string().into_encoded_bytes())
+            .unwrap_or_default();
+        let allowed = match &b {
+            Some(b) if !path.is_empty() => b.compiled.check_exec(&path).allowed,
+            // Unknown binding or unreadable image: fail closed.
+            _ => false,
+        };
+        let ruleset = b.as_ref().map_or(k.ruleset, |b| b.ruleset);
+        if allowed {
+            let key = InodeKey { ruleset, dev: k.dev, ino: k.ino };
+            if let Ok(mut m) = self.exec_inodes.lock() {
+                let _ = m.insert(&key, &ruleset, 0);
+            }
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+            None
+        } else {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let mut e = Event::agent(Kind::Exec, ev::Verdict::Denied, "exec denied by the backstop");
+            e.source = Source::ExecTrace;
+            e.pid = k.pid;
+            e.tgid = k.tgid;
+            e.cgroup_id = k.cgroup_id;
+            e.mode = ev::mode_from_abi(k.mode);
+            e.policy = b.and_then(|b| b.policy);
+            e.path = Some(String::from_utf8_lossy(&path).into_owned());
+            e.access = Some("exec".into());
+            e.flags = vec!["killed".into()];
+            e.comm = String::from_utf8_lossy(&k.comm).trim_end_matches('\0').to_string();
+            e.message = None;
+            Some(e)
+        }
+    }
+}
+
+impl Backend for CompatBackend {
+    fn tier(&self) -> Tier {
+        Tier::Compat
+    }
+
+    fn on_bind(&mut self, cgroup_id: u64, dir: &Path) -> Result<(), EnforceError> {
+        self.loaded.attach_cgroup(cgroup_id, dir)?;
+        self.cgroup_dirs.insert(cgroup_id, dir.to_path_buf());
+        // A container that already runs (found at start-up) is marked now; a new one on its
+        // first exec.
+        let first = crate::containers::cgroup2::pids(dir).ok().and_then(|p| p.first().copied());
+        if let Some(pid) = first {
+            self.ensure_marked(cgroup_id, pid as i32);
+        }
+        if let Some(g) = &self.group {
+            let _ = g.flush_cache();
+        }
+        Ok(())
+    }
+
+    fn on_unbind(&mut self, cgroup_id: u64) {
+        self.loaded.detach_cgroup(cgroup_id);
+        self.cgroup_dirs.remove(&cgroup_id);
+        if let (Some(g), Some(set)) = (&self.group, self.marks.remove(&cgroup_id)) {
+            // Mounts of a removed container are gone already; the marks went with them.
+            let _ = g.unmark(set);
+        }
+    }
+
+    fn on_rules_changed(&mut self) {
+        if let Some(g) = &self.group
+            && let Err(e) = g.flush_cache()
+        {
+            warn!(error = %e, "flushing the fanotify ignore-mark cache failed");
+        }
+    }
+
+    fn attachments(&self) -> usize {
+        self.loaded.attached_cgroups()
+    }
+
+    fn marks(&self) -> usize {
+        self.marks.values().map(|m| m.mounts.len()).sum()
+    }
+}
+
+/// Answers fanotify from the same compiled policies the kernel maps hold.
+struct PolicyDecider {
+    snapshot: SharedSnapshot,
+    exec_inodes: ExecInodes,
+    report: Reporter,
+    /// Learn mode: (ruleset, kind, path) already reported.
+    learned: Mutex<HashSet<(u32, u8, Vec<u8>)>>,
+}
+
+impl Decider for PolicyDecider {
+    fn decide(&self, req: &Request) -> Verdict {
+        let Some(b) = snapshot::binding(&self.snapshot, req.cgroup_id) else {
+            // Not a policed process (e.g. the host touching a container's files).
+            return Verdict::ALLOW;
+        };
+        let (access, d) = match req.kind {
+            fanotify::Kind::Exec => (ACC_EXEC, b.compiled.check_exec(&req.path)),
+            fanotify::Kind::Open => {
+                let a = if req.write { ACC_READ | ACC_WRITE } else { ACC_READ };
+                (a, b.compiled.check_file(&req.path, a))
+            }
+        };
+        let is_exec = req.kind == fanotify::Kind::Exec;
+        if d.allowed && is_exec {
+            let key = InodeKey { ruleset: b.ruleset, dev: fanotify::kernel_dev(req.dev), ino: req.ino };
+            if let Ok(mut m) = self.exec_inodes.lock() {
+                let _ = m.insert(&key, &b.ruleset, 0);
+            }
+        }
+        let verdict = match b.mode {
+            abi::MODE_LEARN => ev::Verdict::Learned,
+            _ if d.allowed => ev::Verdict::Allowed,
+            abi::MODE_MONITOR => ev::Verdict::Violation,
+            _ => ev::Verdict::Denied,
+        };
+        // Exec violations in monitor/learn mode are reported by the exec trail, not twice.
+        let report = match verdict {
+            ev::Verdict::Allowed => false,
+            ev::Verdict::Learned => {
+                !is_exec
+                    && self
+                        .learned
+                        .lock()
+                        .map(|mut s| s.insert((b.ruleset, access, req.path.clone())))
+                        .unwrap_or(false)
+            }
+            ev::Verdict::Violation => !is_exec,
+            ev::Verdict::Denied => true,
+        };
+        if report {
+            let mut e = Event::agent(
+                if is_exec { Kind::Exec } else { Kind::Open },
+                verdict,
+                String::new(),
+            );
+            e.message = None;
+            e.source = Source::Fanotify;
+            e.pid = req.pid as u32;
+            e.tgid = req.pid as u32;
+            e.comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            e.cgroup_id = req.cgroup_id;
+            e.mode = ev::mode_from_abi(b.mode);
+            e.policy = b.policy.clone();
+            e.path = Some(String::from_utf8_lossy(&req.path).into_owned());
+            e.access = Some(ev::access_string(access));
+            (self.report)(e);
+        }
+        let allow = verdict != ev::Verdict::Denied;
+        debug!(path = %String::from_utf8_lossy(&req.path), allow, "fanotify decision");
+        Verdict { allow, cache: allow && self.cacheable(req) }
+    }
+}
+
+impl PolicyDecider {
+    /// An ignore mark is per inode and per event type, for every container and every access
+    /// mode: only cache what every bound policy allows for read and write alike.
+    fn cacheable(&self, req: &Request) -> bool {
+        let s = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        s.by_cgroup.values().all(|b| {
+            b.mode != abi::MODE_LEARN
+                && match req.kind {
+                    fanotify::Kind::Exec => b.compiled.check_exec(&req.path).allowed,
+                    fanotify::Kind::Open => {
+                        b.compiled.check_file(&req.path, ACC_READ | ACC_WRITE).allowed
+                    }
+                }
+        })
+    }
+}
