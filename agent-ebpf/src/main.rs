@@ -5,6 +5,7 @@
 #![allow(static_mut_refs)]
 
 mod cgroup_mkdir;
+mod cgroup_rmdir;
 mod connect;
 mod decide;
 mod exec;

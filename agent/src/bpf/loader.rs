@@ -177,6 +177,7 @@ impl Loaded {
         for &(name, tp) in &[
             ("sched_process_exec", "sched_process_exec"),
             ("cgroup_mkdir", "cgroup_mkdir"),
+            ("cgroup_rmdir", "cgroup_rmdir"),
         ] {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf)

@@ -26,6 +26,7 @@ pub const OFFSETS: &[(&str, &str, &str)] = &[
     (abi::GLOBAL_OFF_NSPROXY_MNT_NS, "nsproxy", "mnt_ns"),
     (abi::GLOBAL_OFF_MNT_NS_INUM, "mnt_namespace", "ns.inum"),
     (abi::GLOBAL_OFF_CGROUP_KN, "cgroup", "kn"),
+    (abi::GLOBAL_OFF_CGROUP_PARENT, "cgroup", "self.parent"),
     (abi::GLOBAL_OFF_KERNFS_NODE_ID, "kernfs_node", "id"),
     (abi::GLOBAL_OFF_CGROUP_ROOT, "cgroup", "root"),
     (

@@ -33,7 +33,6 @@ pub struct CompatBackend {
     cgroup_dirs: HashMap<u64, PathBuf>,
     snapshot: SharedSnapshot,
     exec_inodes: ExecInodes,
-    report: Reporter,
 }
 
 impl CompatBackend {
@@ -68,7 +67,6 @@ impl CompatBackend {
             cgroup_dirs: HashMap::new(),
             snapshot,
             exec_inodes,
-            report,
         })
     }
 
@@ -87,9 +85,10 @@ impl CompatBackend {
         }
     }
 
-    /// Handle one kernel exec event (tier 2): answer a stopped exec, and mark the container's
-    /// mounts on its first exec. Returns the event to publish, if any.
-    pub fn on_exec_event(&mut self, k: &abi::Event) -> Option<Event> {
+}
+
+impl CompatBackend {
+    fn exec_event(&mut self, k: &abi::Event) -> Option<Event> {
         let pid = k.tgid as i32;
         if self.group.is_some() && !self.marks.contains_key(&k.cgroup_id) {
             // The process is stopped (enforce) or running in its own mount namespace: marking
@@ -178,6 +177,11 @@ impl Backend for CompatBackend {
 
     fn marks(&self) -> usize {
         self.marks.values().map(|m| m.mounts.len()).sum()
+    }
+
+    /// Answer a stopped exec (backstop) and mark the container's mounts on its first exec.
+    fn on_exec_event(&mut self, k: &abi::Event) -> Option<Event> {
+        self.exec_event(k)
     }
 }
 

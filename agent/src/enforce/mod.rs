@@ -40,4 +40,9 @@ pub trait Backend: Send {
     fn marks(&self) -> usize {
         0
     }
+    /// A kernel exec event; the backend may act on it (tier 2 answers stopped execs) and may
+    /// return an event of its own to publish.
+    fn on_exec_event(&mut self, _ev: &agent_common::Event) -> Option<crate::events::model::Event> {
+        None
+    }
 }
