@@ -25,6 +25,8 @@ mod yaml;
 #[cfg(test)]
 mod tests_compile;
 #[cfg(test)]
+mod tests_load;
+#[cfg(test)]
 mod tests_parse;
 
 use std::collections::HashMap;
