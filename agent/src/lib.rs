@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod containers;
 pub mod enforce;
+pub mod engine;
 pub mod events;
 pub mod policy;
 pub mod api;
