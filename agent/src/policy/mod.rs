@@ -71,7 +71,8 @@ fn duplicate(p: &Policy, first: &Policy) -> PolicyError {
 }
 
 /// Read and parse one file.
-pub fn load_file(path: &Path) -> Result<Vec<Policy>, PolicyError> {
+pub fn load_file(path: impl AsRef<Path>) -> Result<Vec<Policy>, PolicyError> {
+    let path = path.as_ref();
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| PolicyError::new(ErrorKind::Io, &name, Pos::default(), "", e.to_string()))?;
@@ -81,7 +82,8 @@ pub fn load_file(path: &Path) -> Result<Vec<Policy>, PolicyError> {
 /// Load every `*.yaml` / `*.yml` file of `dir` (not recursive), in file-name order. A file with
 /// an error, or defining a name an earlier file already defined, is skipped as a whole and
 /// reported; the other files load.
-pub fn load_dir(dir: &Path) -> (Vec<Policy>, Vec<PolicyError>) {
+pub fn load_dir(dir: impl AsRef<Path>) -> (Vec<Policy>, Vec<PolicyError>) {
+    let dir = dir.as_ref();
     let mut errors = Vec::new();
     let mut files: Vec<_> = match std::fs::read_dir(dir) {
         Ok(rd) => rd

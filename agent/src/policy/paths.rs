@@ -79,7 +79,15 @@ pub struct PathTable {
 
 impl PathTable {
     pub(crate) fn build(rules: &[SrcPath<'_>]) -> Self {
+        // Which rules own each pattern, so a node finds its matching rules by probing its own
+        // prefixes (at most PATH_MAX probes) instead of scanning every rule.
+        let mut owners: HashMap<&[u8], Vec<usize>> = HashMap::new();
         let pats: Vec<Vec<PathPattern>> = rules.iter().map(|r| rule_patterns(r.path)).collect();
+        for (i, rp) in pats.iter().enumerate() {
+            for q in rp {
+                owners.entry(q.0.as_slice()).or_default().push(i);
+            }
+        }
         let mut nodes: BTreeMap<PathPattern, PathRule> = BTreeMap::new();
         for p in pats.iter().flatten() {
             if nodes.contains_key(p) {
@@ -89,28 +97,23 @@ impl PathTable {
             // entry that is a prefix of this one (= the rules matching any path landing here).
             let mut best_bit: [Option<(Rank, bool)>; 8] = [None; 8];
             let mut best: Option<(Rank, u32)> = None;
-            for (i, (r, rp)) in rules.iter().zip(&pats).enumerate() {
-                let Some(len) = rp
-                    .iter()
-                    .filter(|q| p.0.starts_with(&q.0))
-                    .map(|q| q.0.len())
-                    .max()
-                else {
-                    continue;
-                };
-                let rank: Rank = (
-                    len,
-                    !r.path.ends_with('/'),
-                    !r.allow,
-                    std::cmp::Reverse(i as u32),
-                );
-                for (bit, slot) in best_bit.iter_mut().enumerate() {
-                    if r.bits & (1 << bit) != 0 && slot.is_none_or(|(k, _)| rank > k) {
-                        *slot = Some((rank, r.allow));
+            for len in 1..=p.0.len() {
+                for &i in owners.get(&p.0[..len]).into_iter().flatten() {
+                    let r = &rules[i];
+                    let rank: Rank = (
+                        len,
+                        !r.path.ends_with('/'),
+                        !r.allow,
+                        std::cmp::Reverse(i as u32),
+                    );
+                    for (bit, slot) in best_bit.iter_mut().enumerate() {
+                        if r.bits & (1 << bit) != 0 && slot.is_none_or(|(k, _)| rank > k) {
+                            *slot = Some((rank, r.allow));
+                        }
                     }
-                }
-                if best.is_none_or(|(k, _)| rank > k) {
-                    best = Some((rank, i as u32));
+                    if best.is_none_or(|(k, _)| rank > k) {
+                        best = Some((rank, i as u32));
+                    }
                 }
             }
             let allow = best_bit

@@ -44,7 +44,7 @@ fn load_dir_reports_bad_files_and_cross_file_duplicates() {
     );
     assert_eq!(errs[1].kind, ErrorKind::Syntax);
     assert!(errs[1].file.ends_with("d.yaml"));
-    let e = load_file(&dir.join("missing.yaml")).unwrap_err();
+    let e = load_file(dir.join("missing.yaml")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Io);
 }
 
