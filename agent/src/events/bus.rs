@@ -342,6 +342,23 @@ impl EventBus {
         stats
     }
 
+    /// The gap record owed to subscriber `id`, if any. Only called with its queue empty: every
+    /// event it holds precedes the missed ones, and a publish that finds room sends the gap
+    /// first (under the same lock), so order is kept either way.
+    fn take_gap(&self, id: u64) -> Option<Arc<Record>> {
+        let mut st = self.lock();
+        let State { slots, stats, .. } = &mut *st;
+        let slot = slots.iter_mut().find(|s| s.id == id && s.missed > 0)?;
+        *stats.gaps.entry(GapReason::SubscriberSlow).or_default() += 1;
+        let gap = Gap {
+            missed: std::mem::take(&mut slot.missed),
+            reason: GapReason::SubscriberSlow,
+            first_seq: slot.first_missed,
+            last_seq: slot.last_missed,
+        };
+        Some(Arc::new(Record::gap(gap)))
+    }
+
     fn unsubscribe(&self, id: u64) {
         self.lock().slots.retain(|s| s.id != id);
     }
@@ -390,10 +407,11 @@ pub struct Subscription {
 
 impl Subscription {
     pub async fn recv(&mut self) -> Option<Arc<Record>> {
-        match self.replay.pop_front() {
-            Some(r) => Some(r),
-            None => self.rx.recv().await,
+        if let Some(r) = self.try_recv() {
+            return Some(r);
         }
+        // Queue empty and nothing owed: nothing can be missed while we wait.
+        self.rx.recv().await
     }
 
     /// Records replayed at subscribe time (for non-follow requests), leaving live ones queued.
@@ -401,9 +419,16 @@ impl Subscription {
         self.replay.drain(..).collect()
     }
 
-    /// A record already waiting, without waiting for one.
+    /// A record already waiting, without waiting for one. Once the queue is drained, a pending
+    /// gap record is handed over at once rather than with the next event.
     pub fn try_recv(&mut self) -> Option<Arc<Record>> {
-        self.replay.pop_front().or_else(|| self.rx.try_recv().ok())
+        if let Some(r) = self.replay.pop_front() {
+            return Some(r);
+        }
+        self.rx
+            .try_recv()
+            .ok()
+            .or_else(|| self.bus.take_gap(self.id))
     }
 }
 
@@ -411,7 +436,7 @@ impl Stream for Subscription {
     type Item = Arc<Record>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(r) = self.replay.pop_front() {
+        if let Some(r) = self.try_recv() {
             return Poll::Ready(Some(r));
         }
         self.rx.poll_recv(cx)
@@ -486,26 +511,32 @@ mod tests {
             fast_seen.extend(drain(&mut fast).into_iter().map(|r| r.event.seq));
         }
         assert_eq!(fast_seen, (1..=10).collect::<Vec<_>>());
-        // slow's queue (4) filled with 1..=4; 5..=10 missed.
-        let got = drain(&mut slow);
-        assert_eq!(
-            got.iter().map(|r| r.event.seq).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        // slow's queue (4) filled with 1..=4; 5..=10 missed. Reading one frees a slot: the next
+        // publish puts the gap record there (the event itself no longer fits, and is owed).
+        let seq = |v: &[Arc<Record>]| v.iter().map(|r| r.event.seq).collect::<Vec<_>>();
+        assert_eq!(slow.try_recv().unwrap().event.seq, 1);
         bus.publish(exec("a", Verdict::Allowed));
         let got = drain(&mut slow);
-        assert_eq!(got.len(), 2);
-        let gap = got[0].gap.as_ref().expect("gap record first");
+        assert_eq!(seq(&got), vec![2, 3, 4, 0, 0]);
+        let gap = got[3]
+            .gap
+            .as_ref()
+            .expect("gap record after the queued events");
         assert_eq!((gap.missed, gap.first_seq, gap.last_seq), (6, 5, 10));
-        assert_eq!(got[0].event.kind, Kind::Agent);
+        assert_eq!(got[3].event.kind, Kind::Agent);
         assert_eq!(
-            got[0].event.message.as_deref(),
+            got[3].event.message.as_deref(),
             Some("gap: 6 events missed (subscriber too slow)")
         );
-        assert_eq!(got[1].event.seq, 11);
+        // Once drained, what is still owed comes at once, without waiting for a new event.
+        let gap = got[4].gap.as_ref().expect("second gap on catching up");
+        assert_eq!((gap.missed, gap.first_seq, gap.last_seq), (1, 11, 11));
+        bus.publish(exec("a", Verdict::Allowed));
+        assert_eq!(seq(&drain(&mut slow)), vec![12]);
+        assert_eq!(seq(&drain(&mut fast)), vec![11, 12]);
         let stats = bus.stats();
-        assert_eq!(stats.drops[&GapReason::SubscriberSlow], 6);
-        assert_eq!(stats.gaps[&GapReason::SubscriberSlow], 1);
+        assert_eq!(stats.drops[&GapReason::SubscriberSlow], 7);
+        assert_eq!(stats.gaps[&GapReason::SubscriberSlow], 2);
     }
 
     #[test]
