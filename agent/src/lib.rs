@@ -8,6 +8,7 @@
 //! - [`api`]: gRPC services and the CLI client.
 pub mod bpf;
 pub mod containers;
+pub mod daemon;
 pub mod enforce;
 pub mod engine;
 pub mod events;

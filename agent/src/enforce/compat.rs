@@ -179,6 +179,17 @@ impl Backend for CompatBackend {
         self.marks.values().map(|m| m.mounts.len()).sum()
     }
 
+    fn shutdown(&mut self) {
+        if let Some(t) = self._thread.take() {
+            t.stop();
+        }
+        if let Some(g) = self.group.take()
+            && let Err(e) = g.release()
+        {
+            warn!(error = %e, "releasing the fanotify group failed");
+        }
+    }
+
     /// Answer a stopped exec (backstop) and mark the container's mounts on its first exec.
     fn on_exec_event(&mut self, k: &abi::Event) -> Option<Event> {
         self.exec_event(k)

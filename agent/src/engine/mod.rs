@@ -93,6 +93,16 @@ impl Engine {
         }
     }
 
+    /// Clean shutdown: every cgroup unbound, backend released. Dropping the engine then
+    /// detaches the programs.
+    pub fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.bound.keys().copied().collect();
+        for id in ids {
+            self.container_removed(id);
+        }
+        self.backend.shutdown();
+    }
+
     pub fn tier(&self) -> crate::bpf::loader::Tier {
         self.backend.tier()
     }
