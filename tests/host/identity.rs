@@ -89,8 +89,9 @@ async fn docker_containers_are_identified_with_cgroup_and_metadata() {
     assert_eq!(m.labels.get("stage").map(String::as_str), Some("early"));
 
     // A new container: Pending (from the create event, before its cgroup), then Created.
+    // `docker create`, then `start` below: the cgroup surely comes after the create event.
     let name = docker::unique_name("pal-id-new");
-    let mut c = Container::run(
+    let mut c = Container::create(
         &name,
         &[("app", "web"), ("tier", "front")],
         &["sleep", "30"],
@@ -116,6 +117,7 @@ async fn docker_containers_are_identified_with_cgroup_and_metadata() {
         (Runtime::Docker, Some(name.as_str()))
     );
     assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+    c.start().unwrap();
     let created = wait_for(
         &mut rx,
         "Created",
@@ -271,4 +273,70 @@ async fn cgroups_of_any_runtime_are_tracked_by_inotify() {
     }
     assert!(inv.by_container_id(&id).is_none());
     handle.abort();
+}
+
+/// A private containerd (own root, state and socket), killed on drop.
+struct PrivateContainerd {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl PrivateContainerd {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("palisade-ctd-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n[grpc]\n  address = \"{d}/containerd.sock\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(dir.join("log")).unwrap();
+        let child = std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd");
+        Self { child, dir }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The CRI client against a real containerd CRI plugin: version handshake and NotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_client_talks_to_real_containerd() {
+    use palisade::containers::{cri::CriClient, runtime_api::MetadataError};
+    let ctd = PrivateContainerd::start();
+    let mut client = None;
+    for _ in 0..50 {
+        if let Ok(c) = CriClient::connect(&ctd.socket()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = client.expect("containerd CRI answered");
+    assert_eq!(client.runtime_name(), "containerd");
+    assert_eq!(client.runtime(), Runtime::Containerd);
+    let err = client
+        .inspect(&format!("{:064x}", 0xabcu32))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MetadataError::NotFound(_)), "{err}");
 }

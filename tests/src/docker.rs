@@ -134,7 +134,26 @@ pub struct Container {
 impl Container {
     /// `docker run -d --network none --name <name> [--label k=v]... <IMAGE> <cmd...>`.
     pub fn run(name: &str, labels: &[(&str, &str)], cmd: &[&str]) -> Result<Self> {
-        let mut args = vec!["run", "-d", "--network", "none", "--name", name];
+        Self::docker_new(&["run", "-d"], name, labels, cmd)
+    }
+
+    /// `docker create` (no cgroup yet; [`Container::start`] makes it).
+    pub fn create(name: &str, labels: &[(&str, &str)], cmd: &[&str]) -> Result<Self> {
+        Self::docker_new(&["create"], name, labels, cmd)
+    }
+
+    pub fn start(&self) -> Result<()> {
+        docker(&["start", &self.id]).map(drop)
+    }
+
+    fn docker_new(
+        verb: &[&str],
+        name: &str,
+        labels: &[(&str, &str)],
+        cmd: &[&str],
+    ) -> Result<Self> {
+        let mut args = verb.to_vec();
+        args.extend(["--network", "none", "--name", name]);
         let label_args: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for l in &label_args {
             args.extend(["--label", l.as_str()]);

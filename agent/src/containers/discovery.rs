@@ -205,12 +205,19 @@ async fn docker_session(
                 match ev.action {
                     DockerAction::Destroy => inventory.forget(&ev.id),
                     DockerAction::Die => {}
-                    DockerAction::Create | DockerAction::Start => match client.inspect(&ev.id).await {
-                        Ok(rc) => inventory.set_runtime_meta(rc, ev.action == DockerAction::Create),
-                        Err(e) if e.is_unreachable() => return Err(e),
-                        // Removed again before we asked: nothing to record.
-                        Err(e) => debug!(id = %ev.id, error = %e, "docker inspect failed"),
-                    },
+                    DockerAction::Create | DockerAction::Start => {
+                        if ev.action == DockerAction::Create {
+                            // Announce at once: runc may make the cgroup before an inspect
+                            // round trip completes.
+                            inventory.set_runtime_meta(ev.to_runtime_container(), true);
+                        }
+                        match client.inspect(&ev.id).await {
+                            Ok(rc) => inventory.set_runtime_meta(rc, false),
+                            Err(e) if e.is_unreachable() => return Err(e),
+                            // Removed again before we asked: nothing to record.
+                            Err(e) => debug!(id = %ev.id, error = %e, "docker inspect failed"),
+                        }
+                    }
                 }
             }
             Some(id) = requests.recv() => match client.inspect(&id).await {

@@ -32,6 +32,9 @@ pub struct DockerEvent {
     /// From the event's attributes (always present for container events).
     pub name: Option<String>,
     pub image: Option<String>,
+    /// Container labels: Docker puts them in the attributes next to `name` and `image`
+    /// (`inspect` has the unambiguous set).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +44,20 @@ pub enum DockerAction {
     Start,
     Die,
     Destroy,
+}
+
+impl DockerEvent {
+    /// The metadata the event itself carries (no pid, no digest).
+    pub fn to_runtime_container(&self) -> RuntimeContainer {
+        RuntimeContainer {
+            runtime: Runtime::Docker,
+            id: self.id.clone(),
+            name: self.name.clone(),
+            image: self.image.clone(),
+            labels: self.labels.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 impl DockerClient {
@@ -150,11 +167,19 @@ pub fn parse_event(msg: &EventMessage) -> Option<DockerEvent> {
     };
     let actor = msg.actor.as_ref()?;
     let attr = |k: &str| actor.attributes.as_ref().and_then(|a| a.get(k)).cloned();
+    let labels = actor
+        .attributes
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !matches!(k.as_str(), "name" | "image" | "exitCode" | "signal"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Some(DockerEvent {
         action,
         id: actor.id.clone()?,
         name: attr("name"),
         image: attr("image"),
+        labels,
     })
 }
 
@@ -251,6 +276,7 @@ mod tests {
                 id: "abc".into(),
                 name: Some("web-1".into()),
                 image: Some("nginx:1.27".into()),
+                labels: BTreeMap::from([("app".into(), "web".into())]),
             })
         );
         let exec: EventMessage = serde_json::from_str(
