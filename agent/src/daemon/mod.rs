@@ -304,15 +304,25 @@ async fn kernel_events(
     let mut learned: HashSet<(u32, Vec<u8>)> = HashSet::new();
     let mut last_drops = 0u64;
     let r = bpf::ringbuf::run(ring, |k| {
+        if k.kind == abi::KIND_CGROUP_BOUND {
+            let path = String::from_utf8_lossy(k.path_bytes()).into_owned();
+            engine.lock().unwrap_or_else(|p| p.into_inner()).kernel_bound(k.cgroup_id, &path);
+        }
         if k.kind == abi::KIND_EXEC && k.flags & abi::EV_FILENAME_AS_PASSED != 0 {
             let extra = engine.lock().unwrap_or_else(|p| p.into_inner()).on_exec_event(&k);
             if let Some(mut e) = extra {
-                e.container = inventory.as_ref().and_then(|i| i.by_cgroup_id(e.cgroup_id));
+                e.container = inventory
+                    .as_ref()
+                    .and_then(|i| i.by_cgroup_id(e.cgroup_id))
+                    .or_else(|| engine.lock().ok().and_then(|g| g.bound_meta(k.cgroup_id)));
                 bus.publish(e);
                 return true;
             }
         }
         if let Some(mut e) = enrich::enrich(&k, net_source, inventory.as_ref(), &snapshot) {
+            if e.container.is_none() {
+                e.container = engine.lock().ok().and_then(|g| g.bound_meta(k.cgroup_id));
+            }
             if e.source == Source::ExecTrace
                 && tier == Tier::Compat
                 && !classify_exec_trail(&k, &mut e, &snapshot, &mut learned) {

@@ -17,7 +17,7 @@ impl Engine {
         // Runtime containers: the cgroup exists, the pending entry has served. Path bindings
         // keep theirs (the cgroup may be removed and created again).
         if meta.runtime != Runtime::Cgroup
-            && let Some(paths) = self.pending.remove(&meta.id)
+            && let Some((_, paths)) = self.pending.remove(&meta.id)
         {
             for p in paths {
                 self.rules.clear_pending(&p);
@@ -59,7 +59,7 @@ impl Engine {
             self.rules.unbind(cgroup_id);
             self.backend.on_unbind(cgroup_id);
             if b.meta.runtime != Runtime::Cgroup
-                && let Some(paths) = self.pending.remove(&b.meta.id)
+                && let Some((_, paths)) = self.pending.remove(&b.meta.id)
             {
                 for p in paths {
                     self.rules.clear_pending(&p);
@@ -73,13 +73,61 @@ impl Engine {
     /// that the `cgroup_mkdir` hook binds its policy the instant the cgroup appears.
     pub fn container_pending(&mut self, meta: &ContainerMeta) {
         let paths = predicted_cgroup_paths(meta.runtime, &meta.id);
+        self.arm(meta, &paths);
+        self.pending.insert(meta.id.clone(), (meta.clone(), paths));
+    }
+
+    fn arm(&mut self, meta: &ContainerMeta, paths: &[String]) {
         let pol = self.kernel_policy(meta, self.policy_for(meta));
-        for p in &paths {
+        for p in paths {
             if let Err(e) = self.rules.set_pending(p, pol) {
                 warn!(path = %p, error = %e, "cannot arm pending binding");
             }
         }
-        self.pending.insert(meta.id.clone(), paths);
+    }
+
+    /// The kernel bound a new cgroup at creation (a pending entry, or inheritance from its
+    /// parent). Record it at once — before the first exec event of that cgroup is handled —
+    /// with what the runtime told us, and attach the per-cgroup enforcement.
+    pub fn kernel_bound(&mut self, cgroup_id: u64, path: &str) {
+        if self.bound.contains_key(&cgroup_id) {
+            return;
+        }
+        let from_pending = self
+            .pending
+            .values()
+            .find(|(_, paths)| paths.iter().any(|p| p == path))
+            .map(|(m, _)| m.clone());
+        let meta = from_pending.or_else(|| {
+            // Inherited: same container as the nearest bound ancestor.
+            let mut parent = path;
+            while let Some(i) = parent.rfind('/') {
+                parent = &parent[..i];
+                if let Some(b) = self.bound.values().find(|b| b.meta.cgroup_path == parent) {
+                    return Some(b.meta.clone());
+                }
+            }
+            None
+        });
+        let Some(mut meta) = meta else { return };
+        meta.cgroup_id = cgroup_id;
+        meta.cgroup_path = path.to_string();
+        if meta.runtime == Runtime::Cgroup {
+            // A path binding (or a child of one) keeps its own identity.
+            meta.id = path.to_string();
+        }
+        let dir = cgroup2::absolute_path(&self.cgroup_root, path);
+        let policy = self.policy_for(&meta).map(|a| a.policy.name.clone());
+        self.bound.insert(cgroup_id, Bound { meta, policy, dir: dir.clone() });
+        self.flip(cgroup_id);
+        if let Err(e) = self.backend.on_bind(cgroup_id, &dir) {
+            warn!(cgroup = %path, error = %e, "attaching enforcement failed");
+        }
+    }
+
+    /// Metadata of a bound cgroup (for events the inventory cannot enrich yet).
+    pub fn bound_meta(&self, cgroup_id: u64) -> Option<ContainerMeta> {
+        self.bound.get(&cgroup_id).map(|b| b.meta.clone())
     }
 
     /// Policies that name a cgroup path bind it directly (existing now, or when created).
@@ -104,7 +152,7 @@ impl Engine {
             if let Ok(id) = cgroup2::cgroup_id(&dir) {
                 self.container_added(&ContainerMeta { cgroup_id: id, ..meta });
             }
-            self.pending.insert(path.clone(), vec![path]);
+            self.pending.insert(path.clone(), (meta_for_pending(&path), vec![path]));
         }
     }
 
@@ -138,6 +186,11 @@ impl Engine {
             self.pending.remove(&k);
             self.rules.clear_pending(&k);
         }
+        // Re-arm the rest with the new generation.
+        let armed: Vec<(ContainerMeta, Vec<String>)> = self.pending.values().cloned().collect();
+        for (m, paths) in armed {
+            self.arm(&m, &paths);
+        }
         let names = self.policies.values().map(|a| (a.id, a.policy.name.clone())).collect();
         self.snapshot.write().unwrap_or_else(|e| e.into_inner()).policy_names = names;
     }
@@ -160,6 +213,15 @@ impl Engine {
     /// Hand a kernel exec event to the backend (tier 2 answers stopped execs).
     pub fn on_exec_event(&mut self, ev: &agent_common::Event) -> Option<crate::events::model::Event> {
         self.backend.on_exec_event(ev)
+    }
+}
+
+fn meta_for_pending(path: &str) -> ContainerMeta {
+    ContainerMeta {
+        id: path.to_string(),
+        runtime: Runtime::Cgroup,
+        cgroup_path: path.to_string(),
+        ..Default::default()
     }
 }
 

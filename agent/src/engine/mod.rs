@@ -62,8 +62,9 @@ pub struct Engine {
     cgroup_root: PathBuf,
     policies: BTreeMap<String, Active>,
     bound: HashMap<u64, Bound>,
-    /// Container id → cgroup paths with a pending kernel binding.
-    pending: HashMap<String, Vec<String>>,
+    /// Container id (or cgroup path for path bindings) → what the runtime told us and the
+    /// cgroup paths armed in the kernel for it.
+    pending: HashMap<String, (ContainerMeta, Vec<String>)>,
     default_mode: u8,
     default_compiled: Arc<CompiledPolicy>,
     next_ruleset: u32,
