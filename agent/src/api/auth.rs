@@ -112,8 +112,8 @@ impl RoleMap {
         self.rules
             .iter()
             .filter(|r| match r.attr {
-                CertAttr::Cn => subject.cn.iter().any(|v| *v == r.value),
-                CertAttr::Ou => subject.ou.iter().any(|v| *v == r.value),
+                CertAttr::Cn => subject.cn.contains(&r.value),
+                CertAttr::Ou => subject.ou.contains(&r.value),
             })
             .map(|r| r.role)
             .max()
