@@ -746,3 +746,45 @@ async fn cli_commands_print_tables_json_and_positioned_errors() {
     assert!(audit[0]["who"].as_str().unwrap().starts_with("uid:"));
     h.stop().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_over_http() {
+    use palisade::api::metrics::{Metrics, bind_http, serve_http_on};
+    let bus = EventBus::new(100);
+    let metrics = Metrics::new(bus.clone());
+    let listener = bind_http("127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_http_on(listener, metrics.clone(), async move {
+        let _ = rx.await;
+    }));
+    bus.publish(event(Kind::Exec, Verdict::Denied, "web", "/bin/nc"));
+    metrics.containers.set(2);
+
+    assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.0 200"));
+    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.0 503"));
+    metrics.set_ready(true);
+    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.0 200"));
+    let body = http_get(addr, "/metrics").await;
+    assert!(
+        body.contains("palisade_events_total{kind=\"exec\",verdict=\"denied\",source=\"lsm\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("palisade_containers 2"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
