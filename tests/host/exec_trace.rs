@@ -8,7 +8,7 @@ use palisade_tests::{cgroup::TestCgroup, events};
 
 #[test]
 fn exec_in_watched_cgroup_is_reported_and_outside_is_not() {
-    let (_loaded, mut maps, mut ring) = Loaded::load(Tier::Compat).expect("load eBPF");
+    let (_loaded, mut maps, mut ring) = Loaded::load(Tier::Compat, None).expect("load eBPF");
     let cg = TestCgroup::new("exec").unwrap();
     // Monitor mode, nothing policed: the exec audit trail only.
     let pol = CgroupPolicy { policy_id: 7, ruleset: 70, mode: abi::MODE_MONITOR, ..Default::default() };

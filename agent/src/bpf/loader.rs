@@ -1,6 +1,11 @@
 //! Loads the eBPF object with the running kernel's struct offsets, attaches the programs of the
 //! chosen enforcement tier, and hands out the maps.
-use std::{collections::HashMap as StdHashMap, os::fd::AsFd, os::unix::fs::MetadataExt};
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::AsFd,
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
 
 use agent_common::{
     self as abi, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PathKeyData, PathRule,
@@ -11,12 +16,13 @@ use aya::{
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError,
         cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
     },
 };
 use thiserror::Error;
 use tracing::{debug, info};
 
-use super::{EBPF_OBJECT, btf::KernelBtf, offsets};
+use super::{EBPF_OBJECT, btf::KernelBtf, offsets, pins::Pins};
 
 /// Enforcement tier (DESIGN.md §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,6 +67,8 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
+    #[error("pinning links in bpffs: {0}")]
+    Pin(std::io::Error),
 }
 
 const LSM_PROGRAMS: &[(&str, &str)] = &[
@@ -82,11 +90,19 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
 }
 
-/// The loaded object and its attachments. Dropping it detaches everything.
+/// How the attachments live.
+enum Links {
+    /// Owned by this process: they detach when it exits (tests).
+    Owned(StdHashMap<u64, Vec<(&'static str, CgroupSockAddrLinkId)>>),
+    /// Pinned in bpffs: they outlive a crash; [`Loaded::release`] detaches them.
+    Pinned { pins: Pins, global: Vec<PinnedLink>, cgroups: StdHashMap<u64, Vec<PinnedLink>> },
+}
+
+/// The loaded object and its attachments.
 pub struct Loaded {
     ebpf: Ebpf,
     pub tier: Tier,
-    cgroup_links: StdHashMap<u64, Vec<(&'static str, CgroupSockAddrLinkId)>>,
+    links: Links,
 }
 
 fn host_mntns() -> u32 {
@@ -155,8 +171,12 @@ where
 }
 
 impl Loaded {
-    /// Load the object for `tier`, attach its global programs, and take the maps out.
-    pub fn load(tier: Tier) -> Result<(Loaded, Maps, RingBuf<MapData>), LoadError> {
+    /// Load the object for `tier`, attach its global programs, and take the maps out. With a
+    /// `pin_root`, links are pinned there and survive the process (the agent); without, they
+    /// detach when the process exits (tests).
+    pub fn load(tier: Tier, pin_root: Option<&Path>) -> Result<(Loaded, Maps, RingBuf<MapData>), LoadError> {
+        let mut pins = pin_root.map(Pins::open).transpose().map_err(LoadError::Pin)?;
+        let mut global: Vec<PinnedLink> = Vec::new();
         let mut ebpf = open_object(tier == Tier::Compat)?;
         let btf = Btf::from_sys_fs()?;
         if tier == Tier::Lsm {
@@ -164,8 +184,11 @@ impl Loaded {
                 let p: &mut Lsm = program(&mut ebpf, name)?;
                 p.load(hook, &btf)
                     .map_err(|source| LoadError::Program { name, source })?;
-                p.attach()
-                    .map_err(|source| LoadError::Program { name, source })?;
+                let id = p.attach().map_err(|source| LoadError::Program { name, source })?;
+                if let Some(pins) = &pins {
+                    let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+                    global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
+                }
             }
         } else {
             for &name in SOCK_ADDR_PROGRAMS {
@@ -182,8 +205,11 @@ impl Loaded {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf)
                 .map_err(|source| LoadError::Program { name, source })?;
-            p.attach()
-                .map_err(|source| LoadError::Program { name, source })?;
+            let id = p.attach().map_err(|source| LoadError::Program { name, source })?;
+            if let Some(pins) = &pins {
+                let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+                global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
+            }
         }
         let maps = Maps {
             cgroups: take(&mut ebpf, abi::MAP_CGROUPS)?,
@@ -196,62 +222,100 @@ impl Loaded {
         };
         let ring = take(&mut ebpf, abi::MAP_EVENTS)?;
         info!(%tier, "eBPF programs loaded and attached");
-        Ok((
-            Loaded {
-                ebpf,
-                tier,
-                cgroup_links: StdHashMap::new(),
-            },
-            maps,
-            ring,
-        ))
+        let links = match pins.take() {
+            Some(mut pins) => {
+                // Ours are attached: the previous instance's may go now.
+                pins.drop_stale();
+                Links::Pinned { pins, global, cgroups: StdHashMap::new() }
+            }
+            None => Links::Owned(StdHashMap::new()),
+        };
+        Ok((Loaded { ebpf, tier, links }, maps, ring))
     }
 
     /// Tier 2: attach the egress hooks to one cgroup (idempotent). `AllowMultiple` keeps any
     /// program the runtime or another tool attached.
-    pub fn attach_cgroup(
-        &mut self,
-        cgroup_id: u64,
-        dir: &std::path::Path,
-    ) -> Result<(), LoadError> {
-        if self.tier != Tier::Compat || self.cgroup_links.contains_key(&cgroup_id) {
+    pub fn attach_cgroup(&mut self, cgroup_id: u64, dir: &Path) -> Result<(), LoadError> {
+        if self.tier != Tier::Compat || self.is_attached(cgroup_id) {
             return Ok(());
         }
-        let f = std::fs::File::open(dir).map_err(|source| LoadError::Cgroup {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let mut links = Vec::new();
+        let f = std::fs::File::open(dir)
+            .map_err(|source| LoadError::Cgroup { path: dir.display().to_string(), source })?;
+        let mut ids = Vec::new();
         for &name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             match p.attach(f.as_fd(), CgroupAttachMode::AllowMultiple) {
-                Ok(id) => links.push((name, id)),
+                Ok(id) => ids.push((name, id)),
                 Err(source) => {
-                    self.detach_links(links);
+                    self.detach_ids(ids);
                     return Err(LoadError::Program { name, source });
                 }
             }
         }
-        self.cgroup_links.insert(cgroup_id, links);
+        match &mut self.links {
+            Links::Owned(m) => {
+                m.insert(cgroup_id, ids);
+            }
+            Links::Pinned { pins, cgroups, .. } => {
+                let mut pinned = Vec::new();
+                for (name, id) in ids {
+                    let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                    let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+                    let fd = FdLink::try_from(link).map_err(|e| LoadError::Pin(std::io::Error::other(e)))?;
+                    pinned.push(pins.pin(&format!("cg{cgroup_id}-{name}"), fd).map_err(LoadError::Pin)?);
+                }
+                cgroups.insert(cgroup_id, pinned);
+            }
+        }
         Ok(())
     }
 
+    fn is_attached(&self, cgroup_id: u64) -> bool {
+        match &self.links {
+            Links::Owned(m) => m.contains_key(&cgroup_id),
+            Links::Pinned { cgroups, .. } => cgroups.contains_key(&cgroup_id),
+        }
+    }
+
     pub fn detach_cgroup(&mut self, cgroup_id: u64) {
-        if let Some(links) = self.cgroup_links.remove(&cgroup_id) {
-            self.detach_links(links);
+        match &mut self.links {
+            Links::Owned(m) => {
+                if let Some(ids) = m.remove(&cgroup_id) {
+                    self.detach_ids(ids);
+                }
+            }
+            Links::Pinned { cgroups, .. } => {
+                for l in cgroups.remove(&cgroup_id).unwrap_or_default() {
+                    // Unpinning returns the last reference; dropping it detaches. A removed
+                    // cgroup has dropped its programs already.
+                    drop(l.unpin());
+                }
+            }
         }
     }
 
     pub fn attached_cgroups(&self) -> usize {
-        self.cgroup_links.len()
+        match &self.links {
+            Links::Owned(m) => m.len(),
+            Links::Pinned { cgroups, .. } => cgroups.len(),
+        }
     }
 
-    fn detach_links(&mut self, links: Vec<(&'static str, CgroupSockAddrLinkId)>) {
-        for (name, id) in links {
+    fn detach_ids(&mut self, ids: Vec<(&'static str, CgroupSockAddrLinkId)>) {
+        for (name, id) in ids {
             if let Ok(p) = program::<CgroupSockAddr>(&mut self.ebpf, name) {
-                // A cgroup already removed has dropped the link itself.
                 let _ = p.detach(id);
             }
+        }
+    }
+
+    /// Clean shutdown: unpin and detach everything this instance attached.
+    pub fn release(&mut self) {
+        if let Links::Pinned { pins, global, cgroups } = &mut self.links {
+            for l in global.drain(..).chain(cgroups.drain().flat_map(|(_, v)| v)) {
+                drop(l.unpin());
+            }
+            pins.remove();
         }
     }
 }

@@ -2,6 +2,7 @@
 pub mod btf;
 pub mod loader;
 pub mod offsets;
+pub mod pins;
 pub mod ringbuf;
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).

@@ -86,6 +86,9 @@ pub struct AgentConfig {
     /// Tier 2 without fanotify (egress and the exec backstop only).
     #[arg(long)]
     pub no_fanotify: bool,
+    /// bpffs directory for pinned links (programs outlive an agent crash: fail closed).
+    #[arg(long, default_value = crate::bpf::pins::DEFAULT_PIN_ROOT)]
+    pub pin_dir: PathBuf,
     /// Events held for resuming subscribers.
     #[arg(long, default_value_t = 65536)]
     pub replay: usize,
@@ -145,7 +148,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(%tier, features = ?features, "kernel probed; enforcement tier chosen");
     std::fs::create_dir_all(&cfg.state_dir).ok();
 
-    let (loaded, maps, ring) = Loaded::load(tier)?;
+    let (loaded, maps, ring) = Loaded::load(tier, Some(&cfg.pin_dir))?;
     let rules = RuleMaps::new(maps);
     let snapshot = SharedSnapshot::default();
     let bus = EventBus::new(cfg.replay);

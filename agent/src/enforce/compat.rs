@@ -87,7 +87,31 @@ impl CompatBackend {
 
 }
 
+/// Process state `T` (stopped) in /proc/<pid>/stat.
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .unwrap_or(false)
+}
+
 impl CompatBackend {
+    /// Decide a stopped process from its image, as the backstop event would have.
+    fn answer_stopped(&mut self, cgroup_id: u64, pid: i32) {
+        let Ok(st) = nix::sys::stat::stat(format!("/proc/{pid}/exe").as_str()) else { return };
+        // SAFETY: `Event` is plain old data; all-zero is a valid value.
+        let mut k: abi::Event = unsafe { std::mem::zeroed() };
+        k.cgroup_id = cgroup_id;
+        k.pid = pid as u32;
+        k.tgid = pid as u32;
+        k.flags = abi::EV_STOPPED;
+        k.dev = fanotify::kernel_dev(st.st_dev);
+        k.ino = st.st_ino;
+        if let Some(e) = self.exec_event(&k) {
+            tracing::info!(pid, path = ?e.path, "stopped exec left by a previous agent: denied");
+        }
+    }
+
     fn exec_event(&mut self, k: &abi::Event) -> Option<Event> {
         let pid = k.tgid as i32;
         if self.group.is_some() && !self.marks.contains_key(&k.cgroup_id) {
@@ -144,9 +168,13 @@ impl Backend for CompatBackend {
         self.cgroup_dirs.insert(cgroup_id, dir.to_path_buf());
         // A container that already runs (found at start-up) is marked now; a new one on its
         // first exec.
-        let first = crate::containers::cgroup2::pids(dir).ok().and_then(|p| p.first().copied());
-        if let Some(pid) = first {
+        let pids = crate::containers::cgroup2::pids(dir).unwrap_or_default();
+        if let Some(&pid) = pids.first() {
             self.ensure_marked(cgroup_id, pid as i32);
+        }
+        // Execs a previous agent instance's backstop stopped and nobody answered.
+        for pid in pids.into_iter().filter(|&p| stopped(p)) {
+            self.answer_stopped(cgroup_id, pid as i32);
         }
         if let Some(g) = &self.group {
             let _ = g.flush_cache();
@@ -180,6 +208,7 @@ impl Backend for CompatBackend {
     }
 
     fn shutdown(&mut self) {
+        self.loaded.release();
         if let Some(t) = self._thread.take() {
             t.stop();
         }

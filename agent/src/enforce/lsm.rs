@@ -6,13 +6,13 @@ use super::{Backend, EnforceError};
 use crate::bpf::loader::{Loaded, Tier};
 
 pub struct LsmBackend {
-    /// Keeps the programs attached; dropping it detaches them.
-    _loaded: Loaded,
+    /// Keeps the programs attached (pinned: they outlive a crash).
+    loaded: Loaded,
 }
 
 impl LsmBackend {
     pub fn new(loaded: Loaded) -> Self {
-        LsmBackend { _loaded: loaded }
+        LsmBackend { loaded }
     }
 }
 
@@ -25,6 +25,9 @@ impl Backend for LsmBackend {
     }
     fn on_unbind(&mut self, _cgroup_id: u64) {}
     fn on_rules_changed(&mut self) {}
+    fn shutdown(&mut self) {
+        self.loaded.release();
+    }
     fn attachments(&self) -> usize {
         0
     }
