@@ -15,12 +15,14 @@ use palisade::enforce::fanotify::{Group, Kind, Request, Verdict};
 fn policy(slow: Option<&[u8]>, req: &Request) -> Verdict {
     let path = req.path.as_slice();
     if slow == Some(path) {
+        println!("SLOW {}", String::from_utf8_lossy(path));
+        let _ = std::io::stdout().flush();
         loop {
             std::thread::park();
         }
     }
     let deny = match req.kind {
-        Kind::Exec => path == b"/tmp/bb2",
+        Kind::Exec => path == b"/tmp/busybox2",
         Kind::Open => {
             matches!(path, b"/etc/secret" | b"/etc/hostname" | b"/bin/busybox")
                 || (path == b"/etc/public" && req.write)
@@ -30,6 +32,23 @@ fn policy(slow: Option<&[u8]>, req: &Request) -> Verdict {
         allow: !deny,
         cache: !deny && path == b"/etc/cachetest",
     }
+}
+
+fn print_stats(group: &Group) {
+    let s = group.stats().snapshot();
+    println!(
+        "STATS events={} allowed={} denied={} cached={} companions={} decided={} \
+         mean_handle_ns={} mean_decide_ns={} errors={}",
+        s.events,
+        s.allowed,
+        s.denied,
+        s.cached,
+        s.exec_companions,
+        s.decided,
+        s.mean_handle_ns(),
+        s.decide_ns.checked_div(s.decided).unwrap_or(0),
+        s.errors
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,26 +93,14 @@ fn main() -> anyhow::Result<()> {
                 group.flush_cache()?;
                 println!("FLUSHED");
             }
+            "stats" => print_stats(&group),
             "quit" | "release" => break,
             _ => {}
         }
         std::io::stdout().flush()?;
     }
     thread.stop();
-    let s = group.stats().snapshot();
-    println!(
-        "STATS events={} allowed={} denied={} cached={} companions={} decided={} \
-         mean_handle_ns={} mean_decide_ns={} errors={}",
-        s.events,
-        s.allowed,
-        s.denied,
-        s.cached,
-        s.exec_companions,
-        s.decided,
-        s.mean_handle_ns(),
-        s.decide_ns.checked_div(s.decided).unwrap_or(0),
-        s.errors
-    );
+    print_stats(&group);
     for m in marks {
         group.unmark(m)?;
     }
