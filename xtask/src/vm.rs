@@ -259,6 +259,9 @@ fn boot(vmlinuz: &Path, initramfs: &Path, opts: &GuestOptions, log: &Path) -> Re
         "2",
         "-nographic",
         "-no-reboot",
+        // No NIC: the guest needs loopback only, and boot skips the iPXE option ROM.
+        "-nic",
+        "none",
     ])
     .arg("-kernel")
     .arg(vmlinuz)
@@ -332,6 +335,12 @@ fn boot(vmlinuz: &Path, initramfs: &Path, opts: &GuestOptions, log: &Path) -> Re
 
 impl GuestOutcome {
     fn observe(&mut self, line: &str, at: Duration) {
+        // Markers may follow firmware escape sequences or kernel output on the same line.
+        let line = ["PALISADE-GUEST-", "test result: "]
+            .iter()
+            .filter_map(|m| line.find(m))
+            .min()
+            .map_or(line, |i| &line[i..]);
         if line.starts_with(BOOTED) && self.boot.is_none() {
             self.boot = Some(at);
         } else if let Some(rest) = line.strip_prefix(RESULT) {
@@ -367,6 +376,11 @@ mod tests {
     #[test]
     fn outcome_needs_done_and_all_zero() {
         let mut o = GuestOutcome::default();
+        o.observe(
+            "\x1b[0m.PALISADE-GUEST-BOOTED 2.49s",
+            Duration::from_secs(3),
+        );
+        assert_eq!(o.boot, Some(Duration::from_secs(3)));
         o.observe("PALISADE-GUEST-RESULT selfcheck 0", Duration::ZERO);
         assert!(!o.passed(), "no DONE line yet");
         o.observe(
