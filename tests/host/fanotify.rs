@@ -241,6 +241,19 @@ fn fanotify_enforces_exec_and_open_in_real_containers() {
         "{ready}"
     );
 
+    // A second agent may not take the group while A lives (it would deny A's in-flight events).
+    let second = Command::new(AGENT)
+        .args([state_dir.as_str(), &pid1.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !second.status.success(),
+        "second agent started: {}",
+        text(&second)
+    );
+    assert!(text(&second).contains("another agent"), "{}", text(&second));
+
     let o = c1.exec(&["/bin/cat", "/etc/secret"]);
     assert!(denied(&o), "read of /etc/secret not denied: {}", text(&o));
     assert!(!text(&o).contains("topsecret"));

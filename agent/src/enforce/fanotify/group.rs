@@ -26,6 +26,8 @@ pub(crate) struct Inner {
     pub running: AtomicBool,
     holder: Mutex<Option<Holder>>,
     adopted: bool,
+    /// Exclusive lock on `<state_dir>/fanotify.lock` (held by the agent, not the holder).
+    _lock: Option<std::fs::File>,
     orphans_denied: std::sync::atomic::AtomicUsize,
 }
 
@@ -51,7 +53,12 @@ const EVENT_F_FLAGS: libc::c_uint = (libc::O_RDONLY | libc::O_LARGEFILE | libc::
 const ORPHAN_SWEEP_MAX: u64 = 1 << 16;
 
 impl Group {
-    fn from_fd(fd: OwnedFd, holder: Option<Holder>, adopted: bool) -> Group {
+    fn from_fd(
+        fd: OwnedFd,
+        holder: Option<Holder>,
+        adopted: bool,
+        lock: Option<std::fs::File>,
+    ) -> Group {
         Group {
             inner: Arc::new(Inner {
                 fd,
@@ -61,6 +68,7 @@ impl Group {
                 running: AtomicBool::new(false),
                 holder: Mutex::new(holder),
                 adopted,
+                _lock: lock,
                 orphans_denied: Default::default(),
             }),
         }
@@ -70,16 +78,20 @@ impl Group {
     /// For tests and `--no-holder` setups.
     pub fn open() -> Result<Group> {
         let fd = sys::fanotify_init(INIT_FLAGS, EVENT_F_FLAGS).map_err(Error::Init)?;
-        Ok(Group::from_fd(fd, None, false))
+        Ok(Group::from_fd(fd, None, false, None))
     }
 
     /// Takes over the group kept by a living holder under `state_dir`, or creates a new group
     /// and a holder for it. After adoption, events the dead agent had read but not answered
     /// are denied ([`Group::deny_orphans`]) and its ignore marks are flushed (the policy may
     /// have changed meanwhile). Marks on container mounts survive: re-marking is idempotent.
+    ///
+    /// Only one agent may own the group: a second one would deny the first one's in-flight
+    /// events. An exclusive `flock` on `<state_dir>/fanotify.lock` enforces it.
     pub fn open_or_adopt(state_dir: &Path) -> Result<Group> {
+        let lock = holder::lock(state_dir)?;
         if let Some((fd, h)) = holder::adopt(state_dir)? {
-            let group = Group::from_fd(fd, Some(h), true);
+            let group = Group::from_fd(fd, Some(h), true, Some(lock));
             let denied = group.deny_orphans();
             group.inner.orphans_denied.store(denied, Ordering::Relaxed);
             group.flush_cache()?;
@@ -88,7 +100,7 @@ impl Group {
         }
         let fd = sys::fanotify_init(INIT_FLAGS, EVENT_F_FLAGS).map_err(Error::Init)?;
         let h = holder::spawn(state_dir, fd.as_fd())?;
-        Ok(Group::from_fd(fd, Some(h), false))
+        Ok(Group::from_fd(fd, Some(h), false, Some(lock)))
     }
 
     /// True if this group was taken over from a holder (the agent restarted).

@@ -75,6 +75,28 @@ fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Takes the exclusive agent lock `<state_dir>/fanotify.lock` (released when we die; the
+/// holder closes its inherited copy at once).
+pub fn lock(state_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(state_dir).map_err(state_err(state_dir))?;
+    let path = state_dir.join("fanotify.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(state_err(&path))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Holder(format!(
+            "{}: another agent owns the fanotify group ({e})",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// `(comm, starttime)` from `/proc/<pid>/stat`.
 fn proc_identity(pid: i32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
