@@ -53,6 +53,13 @@ pub const GLOBAL_OFF_CGROUP_PARENT: &str = "OFF_CGROUP_PARENT";
 pub const GLOBAL_OFF_KERNFS_NODE_ID: &str = "OFF_KERNFS_NODE_ID";
 pub const GLOBAL_OFF_CGROUP_ROOT: &str = "OFF_CGROUP_ROOT";
 pub const GLOBAL_OFF_CGROUP_ROOT_HIERARCHY_ID: &str = "OFF_CGROUP_ROOT_HIERARCHY_ID";
+pub const GLOBAL_OFF_TASK_FS: &str = "OFF_TASK_FS";
+pub const GLOBAL_OFF_FS_ROOT: &str = "OFF_FS_ROOT";
+pub const GLOBAL_OFF_DENTRY_D_INODE: &str = "OFF_DENTRY_D_INODE";
+pub const GLOBAL_OFF_DENTRY_D_SB: &str = "OFF_DENTRY_D_SB";
+/// Inode number and kernel dev_t of the host's root directory.
+pub const GLOBAL_HOST_ROOT_INO: &str = "HOST_ROOT_INO";
+pub const GLOBAL_HOST_ROOT_DEV: &str = "HOST_ROOT_DEV";
 /// Inode number of the agent's (host) mount namespace.
 pub const GLOBAL_HOST_MNTNS: &str = "HOST_MNTNS";
 /// Non-zero: the tier-2 exec backstop is active (`sched_process_exec` kills/stops images).
@@ -87,10 +94,14 @@ pub const POLICE_FILES: u8 = 2;
 pub const POLICE_NET: u8 = 4;
 /// `CgroupPolicy::flags`: the policy allows fileless (memfd / deleted file) exec explicitly.
 pub const ALLOW_FILELESS: u8 = 8;
-/// `CgroupPolicy::flags`: a runtime container; operations of processes still in the host mount
-/// namespace (the runtime's own `runc init` before `pivot_root`) are not the workload's and are
-/// not policed. Never set for cgroups bound by path.
+/// `CgroupPolicy::flags`: a runtime container; operations of processes whose root is still the
+/// host's root directory (the runtime's own `runc init` and helpers before `pivot_root`) are
+/// not the workload's and are not policed. Never set for cgroups bound by path.
 pub const CONTAINER: u8 = 16;
+/// `CgroupPolicy::flags`, tier 2: the container's mounts carry fanotify marks. Until the agent
+/// sets it, the exec backstop stops every exec of the cgroup for the agent (which marks the
+/// mounts first), so no exec or open runs unmarked.
+pub const MARKED: u8 = 32;
 
 /// Access bits (`PathRule::allow`, `Event::access`).
 pub const ACC_EXEC: u8 = 1;

@@ -34,7 +34,7 @@ pub fn current() -> Option<Subject> {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once.
     let pol = unsafe { *CGROUPS.get(&cgroup_id)? };
-    if pol.flags & CONTAINER != 0 && in_host_mntns() {
+    if pol.flags & CONTAINER != 0 && (in_host_mntns() || at_host_root()) {
         // The runtime's own setup (runc init before pivot_root), not the workload.
         return None;
     }
@@ -55,6 +55,28 @@ fn in_host_mntns() -> bool {
             return false;
         };
         matches!(read::<u32>(mnt_ns, get::OFF_MNT_NS_INUM()), Ok(inum) if inum == host)
+    }
+}
+
+/// Whether the current task's root directory is the host's root (not yet pivoted into the
+/// container's root filesystem).
+#[inline(always)]
+fn at_host_root() -> bool {
+    let ino = crate::offsets::host_root_ino();
+    if ino == 0 {
+        return false;
+    }
+    // SAFETY: probe reads of kernel memory; any failure counts as "not host" (policed).
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(fs) = read::<*const u8>(task, get::OFF_TASK_FS()) else { return false };
+        let Ok(dentry) = read::<*const u8>(fs, get::OFF_FS_ROOT() + get::OFF_PATH_DENTRY()) else {
+            return false;
+        };
+        let Ok(inode) = read::<*const u8>(dentry, get::OFF_DENTRY_D_INODE()) else { return false };
+        let Ok(sb) = read::<*const u8>(dentry, get::OFF_DENTRY_D_SB()) else { return false };
+        read::<u64>(inode, get::OFF_INODE_I_INO()) == Ok(ino)
+            && read::<u32>(sb, get::OFF_SB_S_DEV()) == Ok(get::HOST_ROOT_DEV() as u32)
     }
 }
 

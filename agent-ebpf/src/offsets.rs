@@ -42,9 +42,24 @@ offsets!(
     OFF_KERNFS_NODE_ID,
     OFF_CGROUP_ROOT,
     OFF_CGROUP_ROOT_HIERARCHY_ID,
+    OFF_TASK_FS,
+    OFF_FS_ROOT,
+    OFF_DENTRY_D_INODE,
+    OFF_DENTRY_D_SB,
     HOST_MNTNS,
+    HOST_ROOT_DEV,
     BACKSTOP,
 );
+
+/// Inode number of the host's root directory (64-bit, so not in the `u32` offset table).
+#[unsafe(no_mangle)]
+static HOST_ROOT_INO: u64 = 0;
+
+#[inline(always)]
+pub fn host_root_ino() -> u64 {
+    // SAFETY: read of a frozen global.
+    unsafe { core::ptr::read_volatile(&HOST_ROOT_INO) }
+}
 
 /// Read a `T` at `base + off` from kernel memory.
 #[inline(always)]

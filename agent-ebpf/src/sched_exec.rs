@@ -6,7 +6,7 @@
 //!   SIGCONT or SIGKILL. A dead agent leaves it stopped: fail closed.
 use agent_common::{
     ACC_EXEC, ALLOW_FILELESS, EV_FILELESS, EV_FILENAME_AS_PASSED, EV_KILLED, EV_STOPPED,
-    InodeKey, KIND_EXEC, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+    InodeKey, KIND_EXEC, MARKED, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
@@ -72,7 +72,7 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
             r.flags |= EV_KILLED;
         } else {
             let key = InodeKey { ruleset: sub.pol.ruleset, dev: r.dev, ino: r.ino };
-            if EXEC_INODES.get_ptr(&key).is_none() {
+            if sub.pol.flags & MARKED == 0 || EXEC_INODES.get_ptr(&key).is_none() {
                 unsafe { bpf_send_signal(SIGSTOP) };
                 r.flags |= EV_STOPPED;
             }

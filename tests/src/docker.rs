@@ -142,6 +142,31 @@ impl Container {
         Self::docker_new(&["create"], name, labels, cmd)
     }
 
+    /// `docker <verb...> --name <name> <args...> <IMAGE> <cmd...>` with full control of the
+    /// arguments (network, volumes, labels, `--rm`); returns the guard and the CLI's output.
+    pub fn with_args(verb: &[&str], name: &str, args: &[&str], cmd: &[&str]) -> Result<Self> {
+        let mut all = verb.to_vec();
+        all.extend(["--name", name]);
+        all.extend(args);
+        all.push(IMAGE);
+        all.extend(cmd);
+        let id = docker(&all)?;
+        Ok(Self { id, name: name.to_owned(), removed: false })
+    }
+
+    /// `docker exec <id> <cmd...>`: (exit code, stdout, stderr).
+    pub fn exec(&self, cmd: &[&str]) -> (i32, String, String) {
+        let out = Command::new("docker").arg("exec").arg(&self.id).args(cmd).output();
+        match out {
+            Ok(o) => (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ),
+            Err(e) => (-1, String::new(), e.to_string()),
+        }
+    }
+
     pub fn start(&self) -> Result<()> {
         docker(&["start", &self.id]).map(drop)
     }

@@ -111,6 +111,18 @@ fn host_mntns() -> u32 {
         .unwrap_or(0)
 }
 
+/// (inode, kernel dev_t) of the host's root directory.
+pub fn host_root() -> (u64, u32) {
+    match std::fs::metadata("/") {
+        Ok(m) => {
+            let dev = m.dev();
+            let (major, minor) = (libc::major(dev), libc::minor(dev));
+            (m.ino(), abi::kernel_dev(major, minor))
+        }
+        Err(_) => (0, 0),
+    }
+}
+
 fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     if EBPF_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
@@ -126,6 +138,9 @@ fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     let backstop = backstop as u32;
     loader.override_global(abi::GLOBAL_HOST_MNTNS, &mntns, true);
     loader.override_global(abi::GLOBAL_BACKSTOP, &backstop, true);
+    let (root_ino, root_dev) = host_root();
+    loader.override_global(abi::GLOBAL_HOST_ROOT_INO, &root_ino, true);
+    loader.override_global(abi::GLOBAL_HOST_ROOT_DEV, &root_dev, true);
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
@@ -233,8 +248,8 @@ impl Loaded {
         Ok((Loaded { ebpf, tier, links }, maps, ring))
     }
 
-    /// Tier 2: attach the egress hooks to one cgroup (idempotent). `AllowMultiple` keeps any
-    /// program the runtime or another tool attached.
+    /// Tier 2: attach the egress hooks to one cgroup (idempotent). These are bpf_links, which
+    /// the kernel always runs alongside other programs; it rejects any explicit attach flag.
     pub fn attach_cgroup(&mut self, cgroup_id: u64, dir: &Path) -> Result<(), LoadError> {
         if self.tier != Tier::Compat || self.is_attached(cgroup_id) {
             return Ok(());
@@ -244,7 +259,7 @@ impl Loaded {
         let mut ids = Vec::new();
         for &name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            match p.attach(f.as_fd(), CgroupAttachMode::AllowMultiple) {
+            match p.attach(f.as_fd(), CgroupAttachMode::Single) {
                 Ok(id) => ids.push((name, id)),
                 Err(source) => {
                     self.detach_ids(ids);

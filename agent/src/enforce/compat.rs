@@ -3,6 +3,7 @@
 //! whose stopped execs this backend answers (SIGCONT when allowed, SIGKILL when not).
 use std::{
     collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -70,15 +71,30 @@ impl CompatBackend {
         })
     }
 
-    /// Mark the mounts of the container that `pid` lives in, once per cgroup.
+    /// Mark the mounts of the container that `pid` lives in, once per cgroup. A process whose
+    /// root is still the host's (the runtime before `pivot_root`) is not used: its mounts are
+    /// the host's, and marking them would put every host open behind the decider.
     fn ensure_marked(&mut self, cgroup_id: u64, pid: i32) {
         let Some(group) = &self.group else { return };
+        let root = std::fs::metadata(format!("/proc/{pid}/root"));
+        let host = std::fs::metadata("/");
+        if let (Ok(r), Ok(h)) = (&root, &host)
+            && r.dev() == h.dev()
+            && r.ino() == h.ino()
+        {
+            debug!(cgroup_id, pid, "process not in its container root yet; not marking");
+            return;
+        }
         if let Some(set) = self.marks.get_mut(&cgroup_id) {
             let _ = group.rescan(set);
             return;
         }
         match group.mark_container(pid) {
             Ok(set) => {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                let points: Vec<String> =
+                    set.mounts.iter().map(|m| String::from_utf8_lossy(&m.mountpoint).into_owned()).collect();
+                debug!(cgroup_id, pid, exe = %exe.display(), ?points, "container mounts marked");
                 self.marks.insert(cgroup_id, set);
             }
             Err(e) => warn!(cgroup_id, pid, error = %e, "cannot mark container mounts"),
@@ -207,6 +223,10 @@ impl Backend for CompatBackend {
         self.marks.values().map(|m| m.mounts.len()).sum()
     }
 
+    fn ready(&self, cgroup_id: u64) -> bool {
+        self.group.is_none() || self.marks.contains_key(&cgroup_id)
+    }
+
     fn shutdown(&mut self) {
         self.loaded.release();
         if let Some(t) = self._thread.take() {
@@ -288,6 +308,7 @@ impl Decider for PolicyDecider {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default();
             e.cgroup_id = req.cgroup_id;
+            e.container = b.container.clone();
             e.mode = ev::mode_from_abi(b.mode);
             e.policy = b.policy.clone();
             e.path = Some(String::from_utf8_lossy(&req.path).into_owned());

@@ -42,6 +42,10 @@ pub trait Backend: Send {
     }
     /// A kernel exec event; the backend may act on it (tier 2 answers stopped execs) and may
     /// return an event of its own to publish.
+    /// Whether per-cgroup userspace enforcement (tier-2 fanotify marks) is in place.
+    fn ready(&self, _cgroup_id: u64) -> bool {
+        true
+    }
     /// Clean shutdown: stop userspace deciders and release what outlives the process.
     fn shutdown(&mut self) {}
     fn on_exec_event(&mut self, _ev: &agent_common::Event) -> Option<crate::events::model::Event> {

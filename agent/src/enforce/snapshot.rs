@@ -16,6 +16,8 @@ pub struct Binding {
     /// `MODE_*`.
     pub mode: u8,
     pub compiled: Arc<CompiledPolicy>,
+    /// The container, for events decided outside the kernel event loop.
+    pub container: Option<crate::containers::meta::ContainerMeta>,
 }
 
 #[derive(Default)]

@@ -200,7 +200,8 @@ impl Engine {
         let Some(b) = self.bound.get(&cgroup_id) else { return };
         let active = b.policy.as_deref().and_then(|n| self.policies.get(n));
         let kpol = self.kernel_policy(&b.meta, active);
-        let binding = self.binding_for(active);
+        let mut binding = self.binding_for(active);
+        binding.container = Some(b.meta.clone());
         if let Err(e) = self.rules.bind(cgroup_id, kpol) {
             warn!(cgroup_id, error = %e, "binding cgroup failed");
         }
@@ -212,7 +213,13 @@ impl Engine {
 
     /// Hand a kernel exec event to the backend (tier 2 answers stopped execs).
     pub fn on_exec_event(&mut self, ev: &agent_common::Event) -> Option<crate::events::model::Event> {
-        self.backend.on_exec_event(ev)
+        let was_ready = self.backend.ready(ev.cgroup_id);
+        let out = self.backend.on_exec_event(ev);
+        if !was_ready && self.backend.ready(ev.cgroup_id) {
+            // Marks are in place now: execs of allowed images no longer need to stop.
+            self.flip(ev.cgroup_id);
+        }
+        out
     }
 }
 

@@ -254,11 +254,14 @@ impl Engine {
 
     /// The kernel value for a container under `policy` (or the node default).
     fn kernel_policy(&self, meta: &ContainerMeta, policy: Option<&Active>) -> CgroupPolicy {
-        let container = if meta.runtime == crate::containers::meta::Runtime::Cgroup {
+        let mut container = if meta.runtime == crate::containers::meta::Runtime::Cgroup {
             0
         } else {
             abi::CONTAINER
         };
+        if meta.cgroup_id != 0 && self.backend.ready(meta.cgroup_id) {
+            container |= abi::MARKED;
+        }
         match policy {
             Some(a) => CgroupPolicy {
                 policy_id: a.id,
@@ -279,6 +282,7 @@ impl Engine {
                 ruleset: a.ruleset,
                 mode: a.compiled.mode,
                 compiled: a.compiled.clone(),
+                container: None,
             },
             None => Binding {
                 policy: None,
@@ -286,6 +290,7 @@ impl Engine {
                 ruleset: 0,
                 mode: self.default_mode,
                 compiled: self.default_compiled.clone(),
+                container: None,
             },
         }
     }

@@ -161,5 +161,9 @@ pub fn flag_strings(flags: u16) -> Vec<String> {
         (abi::EV_SENDMSG, "sendmsg"),
         (abi::EV_FILENAME_AS_PASSED, "filename-as-passed"),
     ];
-    names.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| n.to_string()).collect()
+    names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| n.to_string())
+        .collect()
 }

@@ -1,0 +1,219 @@
+//! Tier 2 (no BPF-LSM), end to end: the real agent process in `--enforcer compat`, real Docker
+//! containers, real policies from its policy directory. Every case asserts what the process saw
+//! (exit code / errno) and the event the agent emitted.
+use std::{
+    net::{TcpListener, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use palisade_tests::{
+    agent::{AGENT_LOCK, Agent, build_program},
+    docker::{Container, docker, ensure_docker, unique_name},
+};
+use serde_json::Value;
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    /// Host files copied into containers: a data dir (bind-mounted at /data) and helpers.
+    fn new() -> Fixture {
+        let dir = std::env::temp_dir().join(format!("palisade-compat-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::write(dir.join("data/ok.txt"), "data-ok\n").unwrap();
+        std::fs::write(dir.join("data/private.txt"), "data-private\n").unwrap();
+        std::fs::write(dir.join("ok.txt"), "root-ok\n").unwrap();
+        std::fs::write(dir.join("secret.txt"), "root-secret\n").unwrap();
+        build_program("memfd_exec", &dir).unwrap();
+        build_program("net_probe", &dir).unwrap();
+        Fixture { dir }
+    }
+
+    /// `docker create` + copy the fixtures in + `docker start`.
+    fn container(&self, name: &str, labels: &[(&str, &str)]) -> Container {
+        let data = format!("{}:/data:ro", self.dir.join("data").display());
+        let mut args: Vec<String> = vec!["--network".into(), "host".into(), "-v".into(), data];
+        for (k, v) in labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let c = Container::with_args(&["create"], name, &args, &["sleep", "600"]).unwrap();
+        for (src, dst) in [
+            ("ok.txt", "/ok.txt"),
+            ("secret.txt", "/secret.txt"),
+            ("memfd_exec", "/memfd_exec"),
+            ("net_probe", "/net_probe"),
+        ] {
+            docker(&["cp", self.dir.join(src).to_str().unwrap(), &format!("{}:{dst}", c.id)]).unwrap();
+        }
+        docker(&["cp", "/bin/busybox", &format!("{}:/tmp/echo", c.id)]).unwrap();
+        c.start().unwrap();
+        c
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn policy(name: &str, label: &str, mode: &str, tcp4: u16, tcp6: u16) -> String {
+    format!(
+        r#"apiVersion: palisade.dev/v1
+kind: ContainerPolicy
+metadata:
+  name: {name}
+spec:
+  mode: {mode}
+  selector:
+    labels: {{palisade.test: "{label}"}}
+  exec:
+    allow: [/bin/busybox, /memfd_exec, /net_probe]
+  files:
+    - {{path: /, access: read}}
+    - {{path: /tmp/, access: any}}
+    - {{path: /dev/, access: any}}
+    - {{path: /proc/, access: any}}
+    - {{path: /secret.txt, access: any, action: deny}}
+    - {{path: /data/private.txt, access: any, action: deny}}
+  network:
+    egress:
+      - {{cidr: 127.0.0.1/32, ports: [{tcp4}], protocol: tcp}}
+      - {{cidr: "::1/128", ports: [{tcp6}], protocol: tcp}}
+"#
+    )
+}
+
+fn find(agent: &Agent, from: usize, kind: &str, verdict: &str, key: &str, val: &str) -> Option<Value> {
+    agent.wait_event_from(from, Duration::from_secs(5), |e| {
+        e["kind"] == kind && e["verdict"] == verdict && e[key].as_str() == Some(val)
+    })
+}
+
+fn container_name(e: &Value) -> Option<&str> {
+    e["container"]["name"].as_str()
+}
+
+/// Wait until the agent lists the container under `policy`.
+fn wait_bound(agent: &Agent, id: &str, policy: &str) {
+    for _ in 0..100 {
+        let out = agent.cli(&["containers", "-o", "json"]).unwrap();
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let bound = list.as_array().is_some_and(|l| {
+            l.iter().any(|c| c["meta"]["id"] == id && c["policy"] == policy)
+        });
+        if bound {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("container {id} never bound to {policy}; agent log:\n{}", agent.log());
+}
+
+#[test]
+fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
+    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_docker().unwrap();
+    let fx = Fixture::new();
+    let allowed4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let allowed6 = TcpListener::bind("[::1]:0").unwrap();
+    let denied6 = TcpListener::bind("[::1]:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (pa4, pd4) = (allowed4.local_addr().unwrap().port(), denied4.local_addr().unwrap().port());
+    let (pa6, pd6) = (allowed6.local_addr().unwrap().port(), denied6.local_addr().unwrap().port());
+    let pu = udp.local_addr().unwrap().port();
+
+    let agent = Agent::start("compat", &["--enforcer", "compat"]).unwrap();
+    let label = unique_name("lbl");
+    let pname = format!("compat-{}", std::process::id());
+    agent.write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6)).unwrap();
+
+    let name = unique_name("pal-enf");
+    let c = fx.container(&name, &[("palisade.test", &label)]);
+    let other = fx.container(&unique_name("pal-free"), &[]);
+    wait_bound(&agent, &c.id, &pname);
+
+    // Files: root mount and bind mount, allowed and denied.
+    let (rc, out, _) = c.exec(&["cat", "/ok.txt"]);
+    assert_eq!((rc, out.as_str()), (0, "root-ok\n"));
+    let from = agent.event_count();
+    let (rc, out, err) = c.exec(&["cat", "/secret.txt"]);
+    assert_ne!(rc, 0, "denied read must fail: {out}");
+    assert!(err.contains("not permitted"), "EPERM expected, got: {err}");
+    let ev = find(&agent, from, "open", "denied", "path", "/secret.txt").expect("denied open event");
+    assert_eq!(container_name(&ev), Some(name.as_str()));
+    assert_eq!(ev["policy"], pname.as_str());
+    let (rc, out, _) = c.exec(&["cat", "/data/ok.txt"]);
+    assert_eq!((rc, out.as_str()), (0, "data-ok\n"));
+    let (rc, _, err) = c.exec(&["cat", "/data/private.txt"]);
+    assert!(rc != 0 && err.contains("not permitted"), "bind-mount deny: {err}");
+    assert!(find(&agent, from, "open", "denied", "path", "/data/private.txt").is_some());
+
+    // Exec: a copy of busybox at a path not on the allow-list.
+    let from = agent.event_count();
+    let (rc, out, err) = c.exec(&["/tmp/echo", "ran"]);
+    assert!(rc != 0 && !out.contains("ran"), "denied exec ran: {out} {err}");
+    assert!(find(&agent, from, "exec", "denied", "path", "/tmp/echo").is_some(), "denied exec event");
+
+    // Fileless exec: killed by the eBPF backstop before its first instruction.
+    let from = agent.event_count();
+    let (rc, out, _) = c.exec(&["/memfd_exec", "/bin/busybox", "echo", "fileless-ran"]);
+    assert!(!out.contains("fileless-ran"), "memfd exec must not run");
+    assert_eq!(rc, 137, "killed by SIGKILL");
+    let ev = agent
+        .wait_event_from(from, Duration::from_secs(5), |e| {
+            e["kind"] == "exec" && e["verdict"] == "denied" && e["flags"].to_string().contains("fileless")
+        })
+        .expect("fileless exec event");
+    assert!(ev["flags"].to_string().contains("killed"));
+
+    // Egress: allowed and denied TCP on v4 and v6, UDP sendto and connected UDP.
+    for (proto, addr, port, want) in [
+        ("tcp", "127.0.0.1", pa4, "ok"),
+        ("tcp", "127.0.0.1", pd4, "EPERM"),
+        ("tcp", "::1", pa6, "ok"),
+        ("tcp", "::1", pd6, "EPERM"),
+        ("tcp", "::ffff:127.0.0.1", pa4, "ok"),
+        ("tcp", "::ffff:127.0.0.1", pd4, "EPERM"),
+        ("udp-sendto", "127.0.0.1", pu, "EPERM"),
+        ("udp-connect", "127.0.0.1", pu, "EPERM"),
+    ] {
+        let from = agent.event_count();
+        let (_, out, _) = c.exec(&["/net_probe", proto, addr, &port.to_string()]);
+        assert_eq!(out.trim(), want, "{proto} {addr}:{port}");
+        if want == "EPERM" {
+            let ev = agent
+                .wait_event_from(from, Duration::from_secs(5), |e| {
+                    e["kind"] == "connect" && e["verdict"] == "denied" && e["port"] == port
+                })
+                .unwrap_or_else(|| panic!("no denied connect event for {proto} {addr}:{port}"));
+            assert_eq!(container_name(&ev), Some(name.as_str()));
+        }
+    }
+
+    // A second container and the host are unaffected.
+    assert_eq!(other.exec(&["cat", "/secret.txt"]).1, "root-secret\n");
+    assert_eq!(other.exec(&["/tmp/echo", "free"]).1, "free\n");
+    assert_eq!(other.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()]).1.trim(), "ok");
+    assert_eq!(other.exec(&["/net_probe", "udp-sendto", "127.0.0.1", &pu.to_string()]).1.trim(), "ok");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", pd4)).is_ok());
+    assert_eq!(std::fs::read_to_string(fx.dir.join("data/private.txt")).unwrap(), "data-private\n");
+
+    // Monitor mode, live: allowed but reported.
+    agent.write_policy("compat.yaml", &policy(&pname, &label, "monitor", pa4, pa6)).unwrap();
+    let from = agent.event_count();
+    let (rc, out, _) = c.exec(&["cat", "/secret.txt"]);
+    assert_eq!((rc, out.as_str()), (0, "root-secret\n"), "monitor allows");
+    assert!(find(&agent, from, "open", "violation", "path", "/secret.txt").is_some());
+    assert_eq!(c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()]).1.trim(), "ok");
+    // And back to enforce.
+    agent.write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6)).unwrap();
+    let (rc, _, _) = c.exec(&["cat", "/secret.txt"]);
+    assert_ne!(rc, 0, "enforce again");
+}
