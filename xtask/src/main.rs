@@ -1,4 +1,5 @@
 //! `cargo xtask`: bootstrap, build, run and test Palisade (host and QEMU guest).
+mod bench;
 mod bootstrap;
 mod cargo;
 mod cpio;
@@ -44,10 +45,12 @@ enum Cmd {
     Test(TestArgs),
     /// Run the `guest_*` tests in a QEMU guest booted with BPF-LSM.
     Guest(GuestArgs),
-    /// Run the benchmarks of the test crate.
+    /// Measure enforcement overhead in real containers against a no-agent baseline
+    /// (docs/benchmarks.md). Not part of `test`.
     Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// Runs of each operation per phase (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
 }
 
@@ -156,13 +159,7 @@ fn real_main() -> Result<bool> {
             println!("{passed} passed, {failed} failed");
             return Ok(outcome.passed());
         }
-        Cmd::Bench { args } => {
-            util::run(
-                cargo::cargo()
-                    .args(["bench", "-p", cargo::TESTS_PACKAGE])
-                    .args(&args),
-            )?;
-        }
+        Cmd::Bench { reps } => bench::bench(&bench::BenchOptions { reps })?,
     }
     Ok(true)
 }
