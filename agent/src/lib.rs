@@ -6,11 +6,12 @@
 //! - [`containers`]: cgroup discovery, runtime id parsing, metadata, inventory.
 //! - [`events`]: typed events and the fan-out pipeline.
 //! - [`api`]: gRPC services and the CLI client.
+pub mod api;
 pub mod bpf;
 pub mod containers;
 pub mod daemon;
 pub mod enforce;
 pub mod engine;
 pub mod events;
+pub mod learn;
 pub mod policy;
-pub mod api;
