@@ -85,7 +85,8 @@ pub fn guest(opts: &GuestOptions) -> Result<GuestOutcome> {
         Some(v) => v,
         None => bootstrap::bootstrap()?,
     };
-    let palisade = cargo::build_palisade(true)?;
+    // The debug build: the host tests built it already, and the guest only runs tests.
+    let palisade = cargo::build_palisade(false)?;
     let tests = cargo::build_guest_tests()?;
     if tests.is_empty() {
         eprintln!("[xtask] guest: no `guest_*` test targets yet; running the self-checks only");
@@ -158,6 +159,10 @@ fn build_initramfs(
             }
         }
     }
+    // Static C helpers of the test crate (memfd exec, network probe): /bin/<name>.
+    for (name, bin) in build_test_programs(&stage)? {
+        a.file(&format!("bin/{name}"), &bin, 0o755);
+    }
     let names: Vec<&str> = tests.iter().map(|t| t.target.as_str()).collect();
     a.bytes("etc/palisade/guest-tests", names.join("\n") + "\n", 0o644);
     a.bytes(
@@ -183,6 +188,40 @@ fn build_initramfs(
         bail!("gzip failed");
     }
     Ok(())
+}
+
+/// `tests/programs/*.c`, compiled with `gcc -static` (the guest has no compiler).
+fn build_test_programs(stage: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let dir = root().join("tests/programs");
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for e in rd.filter_map(Result::ok) {
+        let src = e.path();
+        if src.extension().and_then(|x| x.to_str()) != Some("c") {
+            continue;
+        }
+        let name = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("prog")
+            .to_string();
+        let bin = stage.join(format!("prog-{name}"));
+        let ok = Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .context("running gcc")?
+            .success();
+        if !ok {
+            bail!("gcc -static {} failed", src.display());
+        }
+        out.push((name, bin));
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Debug info is most of a test binary; the guest unpacks the initramfs under TCG, so shipping

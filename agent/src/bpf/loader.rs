@@ -1,10 +1,7 @@
 //! Loads the eBPF object with the running kernel's struct offsets, attaches the programs of the
 //! chosen enforcement tier, and hands out the maps.
 use std::{
-    collections::HashMap as StdHashMap,
-    os::fd::AsFd,
-    os::unix::fs::MetadataExt,
-    path::Path,
+    collections::HashMap as StdHashMap, os::fd::AsFd, os::unix::fs::MetadataExt, path::Path,
 };
 
 use agent_common::{
@@ -95,7 +92,11 @@ enum Links {
     /// Owned by this process: they detach when it exits (tests).
     Owned(StdHashMap<u64, Vec<(&'static str, CgroupSockAddrLinkId)>>),
     /// Pinned in bpffs: they outlive a crash; [`Loaded::release`] detaches them.
-    Pinned { pins: Pins, global: Vec<PinnedLink>, cgroups: StdHashMap<u64, Vec<PinnedLink>> },
+    Pinned {
+        pins: Pins,
+        global: Vec<PinnedLink>,
+        cgroups: StdHashMap<u64, Vec<PinnedLink>>,
+    },
 }
 
 /// The loaded object and its attachments.
@@ -146,6 +147,11 @@ fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
 
 /// Whether BPF-LSM programs load here (the `auto` tier probe). Loads and drops one program.
 pub fn lsm_available() -> bool {
+    probe_lsm().is_ok()
+}
+
+/// The `auto` tier probe, with the reason when BPF-LSM is unavailable.
+pub fn probe_lsm() -> Result<(), LoadError> {
     let probe = || -> Result<(), LoadError> {
         let mut ebpf = open_object(false)?;
         let btf = Btf::from_sys_fs()?;
@@ -156,13 +162,11 @@ pub fn lsm_available() -> bool {
                 source,
             })
     };
-    match probe() {
-        Ok(()) => true,
-        Err(e) => {
-            debug!(error = %e, "BPF-LSM probe failed");
-            false
-        }
+    let r = probe();
+    if let Err(e) = &r {
+        debug!(error = %e, "BPF-LSM probe failed");
     }
+    r
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
@@ -189,8 +193,14 @@ impl Loaded {
     /// Load the object for `tier`, attach its global programs, and take the maps out. With a
     /// `pin_root`, links are pinned there and survive the process (the agent); without, they
     /// detach when the process exits (tests).
-    pub fn load(tier: Tier, pin_root: Option<&Path>) -> Result<(Loaded, Maps, RingBuf<MapData>), LoadError> {
-        let mut pins = pin_root.map(Pins::open).transpose().map_err(LoadError::Pin)?;
+    pub fn load(
+        tier: Tier,
+        pin_root: Option<&Path>,
+    ) -> Result<(Loaded, Maps, RingBuf<MapData>), LoadError> {
+        let mut pins = pin_root
+            .map(Pins::open)
+            .transpose()
+            .map_err(LoadError::Pin)?;
         let mut global: Vec<PinnedLink> = Vec::new();
         let mut ebpf = open_object(tier == Tier::Compat)?;
         let btf = Btf::from_sys_fs()?;
@@ -199,9 +209,13 @@ impl Loaded {
                 let p: &mut Lsm = program(&mut ebpf, name)?;
                 p.load(hook, &btf)
                     .map_err(|source| LoadError::Program { name, source })?;
-                let id = p.attach().map_err(|source| LoadError::Program { name, source })?;
+                let id = p
+                    .attach()
+                    .map_err(|source| LoadError::Program { name, source })?;
                 if let Some(pins) = &pins {
-                    let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program { name, source })?;
                     global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
                 }
             }
@@ -220,9 +234,13 @@ impl Loaded {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf)
                 .map_err(|source| LoadError::Program { name, source })?;
-            let id = p.attach().map_err(|source| LoadError::Program { name, source })?;
+            let id = p
+                .attach()
+                .map_err(|source| LoadError::Program { name, source })?;
             if let Some(pins) = &pins {
-                let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
                 global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
             }
         }
@@ -241,7 +259,11 @@ impl Loaded {
             Some(mut pins) => {
                 // Ours are attached: the previous instance's may go now.
                 pins.drop_stale();
-                Links::Pinned { pins, global, cgroups: StdHashMap::new() }
+                Links::Pinned {
+                    pins,
+                    global,
+                    cgroups: StdHashMap::new(),
+                }
             }
             None => Links::Owned(StdHashMap::new()),
         };
@@ -254,8 +276,10 @@ impl Loaded {
         if self.tier != Tier::Compat || self.is_attached(cgroup_id) {
             return Ok(());
         }
-        let f = std::fs::File::open(dir)
-            .map_err(|source| LoadError::Cgroup { path: dir.display().to_string(), source })?;
+        let f = std::fs::File::open(dir).map_err(|source| LoadError::Cgroup {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let mut ids = Vec::new();
         for &name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
@@ -275,9 +299,15 @@ impl Loaded {
                 let mut pinned = Vec::new();
                 for (name, id) in ids {
                     let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-                    let link = p.take_link(id).map_err(|source| LoadError::Program { name, source })?;
-                    let fd = FdLink::try_from(link).map_err(|e| LoadError::Pin(std::io::Error::other(e)))?;
-                    pinned.push(pins.pin(&format!("cg{cgroup_id}-{name}"), fd).map_err(LoadError::Pin)?);
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    let fd = FdLink::try_from(link)
+                        .map_err(|e| LoadError::Pin(std::io::Error::other(e)))?;
+                    pinned.push(
+                        pins.pin(&format!("cg{cgroup_id}-{name}"), fd)
+                            .map_err(LoadError::Pin)?,
+                    );
                 }
                 cgroups.insert(cgroup_id, pinned);
             }
@@ -326,7 +356,12 @@ impl Loaded {
 
     /// Clean shutdown: unpin and detach everything this instance attached.
     pub fn release(&mut self) {
-        if let Links::Pinned { pins, global, cgroups } = &mut self.links {
+        if let Links::Pinned {
+            pins,
+            global,
+            cgroups,
+        } = &mut self.links
+        {
             for l in global.drain(..).chain(cgroups.drain().flat_map(|(_, v)| v)) {
                 drop(l.unpin());
             }

@@ -131,18 +131,29 @@ fn kernel_features(root: &Path, lsm: bool) -> Vec<String> {
     if let Ok(l) = std::fs::read_to_string("/sys/kernel/security/lsm") {
         f.push(format!("lsm={}", l.trim()));
     }
-    f.push(format!("kernel={}", nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()));
+    f.push(format!(
+        "kernel={}",
+        nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
     f
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let root = cgroup2::find_cgroup2_mount().context("no cgroup2 mount found")?;
-    let lsm = cfg.enforcer != Enforcer::Compat && bpf::loader::lsm_available();
+    let probe = if cfg.enforcer == Enforcer::Compat { None } else { Some(bpf::loader::probe_lsm()) };
+    let lsm = matches!(probe, Some(Ok(())));
+    if let Some(Err(e)) = &probe {
+        info!(reason = %e, "BPF-LSM unavailable");
+    }
     let tier = match cfg.enforcer {
         Enforcer::Auto if lsm => Tier::Lsm,
         Enforcer::Auto | Enforcer::Compat => Tier::Compat,
         Enforcer::Lsm if lsm => Tier::Lsm,
-        Enforcer::Lsm => anyhow::bail!("--enforcer lsm: BPF-LSM programs do not load on this kernel (boot with lsm=...,bpf)"),
+        Enforcer::Lsm => anyhow::bail!(
+            "--enforcer lsm: BPF-LSM programs do not load on this kernel (boot with lsm=...,bpf)"
+        ),
     };
     let features = kernel_features(&root, lsm);
     info!(%tier, features = ?features, "kernel probed; enforcement tier chosen");
@@ -162,15 +173,30 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Tier::Lsm => Box::new(LsmBackend::new(loaded)),
         Tier::Compat => {
             let dir = (!cfg.no_fanotify).then_some(cfg.state_dir.as_path());
-            Box::new(CompatBackend::new(loaded, dir, snapshot.clone(), rules.exec_inodes.clone(), report)?)
+            Box::new(CompatBackend::new(
+                loaded,
+                dir,
+                snapshot.clone(),
+                rules.exec_inodes.clone(),
+                report,
+            )?)
         }
     };
-    let engine = Arc::new(Mutex::new(Engine::new(rules, backend, snapshot.clone(), root.clone(), cfg.default_mode)));
+    let engine = Arc::new(Mutex::new(Engine::new(
+        rules,
+        backend,
+        snapshot.clone(),
+        root.clone(),
+        cfg.default_mode,
+    )));
 
     let (inventory, discovery) = if cfg.no_discovery {
         (None, None)
     } else {
-        let docker = cfg.docker_socket.exists().then(|| cfg.docker_socket.clone());
+        let docker = cfg
+            .docker_socket
+            .exists()
+            .then(|| cfg.docker_socket.clone());
         let cri = cfg.cri_socket.exists().then(|| cfg.cri_socket.clone());
         let (inv, h) = Discovery::start(root.clone(), docker, cri);
         (Some(inv), Some(h))
@@ -213,7 +239,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
 
-    tasks.spawn(kernel_events(ring, engine.clone(), inventory.clone(), snapshot.clone(), bus.clone(), tier));
+    tasks.spawn(kernel_events(
+        ring,
+        engine.clone(),
+        inventory.clone(),
+        snapshot.clone(),
+        bus.clone(),
+        tier,
+    ));
     if cfg.events_stdout {
         let mut sub = bus.subscribe(Default::default(), None);
         tasks.spawn(async move {
@@ -225,12 +258,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
     let metrics = Metrics::new(bus.clone());
+    tasks.spawn(control::refresh_gauges(
+        ctl.clone(),
+        metrics.clone(),
+        std::time::Duration::from_secs(2),
+    ));
     if let Some(addr) = cfg.metrics_addr {
         let listener = api::metrics::bind_http(addr, cfg.metrics_allow_remote).await?;
         tasks.spawn({
             let m = metrics.clone();
             async move {
-                if let Err(e) = api::metrics::serve_http_on(listener, m, std::future::pending()).await {
+                if let Err(e) =
+                    api::metrics::serve_http_on(listener, m, std::future::pending()).await
+                {
                     warn!(error = %e, "metrics endpoint stopped");
                 }
             }
@@ -247,12 +287,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let server = api::server::bind(server_cfg, ctl.clone(), bus.clone()).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tasks.spawn(async move {
-        if let Err(e) = server.run(async { let _ = stop_rx.await; }).await {
+        if let Err(e) = server
+            .run(async {
+                let _ = stop_rx.await;
+            })
+            .await
+        {
             warn!(error = %e, "API server stopped");
         }
     });
     metrics.set_ready(true);
-    bus.publish(Event::agent(Kind::Agent, Verdict::Allowed, format!("agent started (tier {tier})")));
+    bus.publish(Event::agent(
+        Kind::Agent,
+        Verdict::Allowed,
+        format!("agent started (tier {tier})"),
+    ));
     info!(socket = %cfg.socket.display(), "agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -286,8 +335,22 @@ fn on_inventory(engine: &Arc<Mutex<Engine>>, ev: InventoryEvent) {
         InventoryEvent::Created(m) => e.container_added(&m),
         InventoryEvent::Updated(m) => e.container_updated(&m),
         InventoryEvent::Removed(m) => e.container_removed(m.cgroup_id),
-        InventoryEvent::Pending { runtime, id, name, image, labels } => {
-            let meta = ContainerMeta { id, runtime, name, image, labels, metadata_known: true, ..Default::default() };
+        InventoryEvent::Pending {
+            runtime,
+            id,
+            name,
+            image,
+            labels,
+        } => {
+            let meta = ContainerMeta {
+                id,
+                runtime,
+                name,
+                image,
+                labels,
+                metadata_known: true,
+                ..Default::default()
+            };
             e.container_pending(&meta);
         }
     }
@@ -303,16 +366,26 @@ async fn kernel_events(
     bus: EventBus,
     tier: Tier,
 ) {
-    let net_source = if tier == Tier::Lsm { Source::Lsm } else { Source::CgroupSock };
+    let net_source = if tier == Tier::Lsm {
+        Source::Lsm
+    } else {
+        Source::CgroupSock
+    };
     let mut learned: HashSet<(u32, Vec<u8>)> = HashSet::new();
     let mut last_drops = 0u64;
     let r = bpf::ringbuf::run(ring, |k| {
         if k.kind == abi::KIND_CGROUP_BOUND {
             let path = String::from_utf8_lossy(k.path_bytes()).into_owned();
-            engine.lock().unwrap_or_else(|p| p.into_inner()).kernel_bound(k.cgroup_id, &path);
+            engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .kernel_bound(k.cgroup_id, &path);
         }
         if k.kind == abi::KIND_EXEC && k.flags & abi::EV_FILENAME_AS_PASSED != 0 {
-            let extra = engine.lock().unwrap_or_else(|p| p.into_inner()).on_exec_event(&k);
+            let extra = engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .on_exec_event(&k);
             if let Some(mut e) = extra {
                 e.container = inventory
                     .as_ref()
@@ -328,12 +401,16 @@ async fn kernel_events(
             }
             if e.source == Source::ExecTrace
                 && tier == Tier::Compat
-                && !classify_exec_trail(&k, &mut e, &snapshot, &mut learned) {
+                && !classify_exec_trail(&k, &mut e, &snapshot, &mut learned)
+            {
                 return true;
             }
             bus.publish(e);
         }
-        let drops = engine.lock().map(|e| e.kernel_stat(abi::STAT_RINGBUF_DROPS)).unwrap_or(0);
+        let drops = engine
+            .lock()
+            .map(|e| e.kernel_stat(abi::STAT_RINGBUF_DROPS))
+            .unwrap_or(0);
         if drops > last_drops {
             bus.kernel_drops(drops - last_drops);
             last_drops = drops;
@@ -358,7 +435,9 @@ fn classify_exec_trail(
     if let Ok(p) = std::fs::read_link(format!("/proc/{}/exe", k.tgid)) {
         e.path = Some(p.to_string_lossy().into_owned());
     }
-    let Some(b) = crate::enforce::snapshot::binding(snapshot, k.cgroup_id) else { return true };
+    let Some(b) = crate::enforce::snapshot::binding(snapshot, k.cgroup_id) else {
+        return true;
+    };
     let path = e.path.clone().unwrap_or_default().into_bytes();
     match b.mode {
         abi::MODE_LEARN => {
