@@ -16,6 +16,7 @@ mod check;
 mod export;
 mod generalize;
 mod store;
+mod task;
 
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ pub use check::{CheckReport, Denial};
 pub use export::{Exported, time};
 pub use generalize::{Cover, GenConfig, Generalized, NetRule, PathRule, generalize, shape};
 pub use store::{Limits, Observation, Profile, STORE_FILE, Seen, Store, WorkloadKey};
+pub use task::{LearnHandle, render_check, render_status, run};
 
 use std::path::Path;
 
@@ -156,6 +158,14 @@ impl Learner {
     /// Whether anything was observed since the last save/load.
     pub fn dirty(&self) -> bool {
         self.dirty
+    }
+
+    pub fn mark_clean(&mut self) {
+        self.dirty = false;
+    }
+
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
     }
 
     pub fn save(&mut self, dir: &Path) -> Result<(), LearnError> {

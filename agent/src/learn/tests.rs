@@ -622,3 +622,57 @@ proptest! {
         }
     }
 }
+
+#[tokio::test]
+async fn bus_task_feeds_the_learner_and_persists() {
+    use crate::events::bus::EventBus;
+    let dir = std::env::temp_dir().join(format!("palisade-learn-task-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bus = EventBus::new(64);
+    let h = LearnHandle::default();
+    let task = tokio::spawn(run(
+        h.clone(),
+        bus.clone(),
+        dir.clone(),
+        std::time::Duration::from_millis(20),
+    ));
+    // Let the task subscribe before publishing (live events only).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    bus.publish(open("/etc/passwd", "read", 1));
+    bus.publish(exec("/bin/sh", 2));
+    let mut violation = open("/etc/shadow", "read", 3);
+    violation.verdict = Verdict::Violation;
+    bus.publish(violation);
+    let mut saved = None;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let s = Store::load(&dir, Limits::default()).unwrap();
+        if s.profiles
+            .values()
+            .map(|p| p.observations.len())
+            .sum::<usize>()
+            == 2
+        {
+            saved = Some(s);
+            break;
+        }
+    }
+    task.abort();
+    let saved = saved.expect("profiles persisted");
+    assert_eq!(saved.profiles, h.with(|l| l.store.profiles.clone()));
+    let status = render_status(&h.status());
+    assert!(status.contains("policy web image busybox:1"), "{status}");
+    assert!(status.contains("1 exec, 1 open, 0 connect"), "{status}");
+    // Replay through YAML text, as the API does.
+    let candidate = "apiVersion: palisade.dev/v1\nkind: ContainerPolicy\nmetadata: {name: web}\n\
+        spec:\n  mode: enforce\n  selector: {image: \"busybox:*\"}\n  exec: {allow: [/bin/sh]}\n  files: []\n";
+    let r = h.check_text(candidate, "c.yaml").unwrap();
+    assert_eq!(
+        render_check(&r).lines().collect::<Vec<_>>(),
+        [
+            "DENY open /etc/passwd (read) [policy web, image busybox:1] no files rule matches; seen 1x, last 2027-01-15T08:00:00Z",
+            "1 of 2 recorded observations would be denied",
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
