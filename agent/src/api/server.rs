@@ -255,6 +255,14 @@ impl PalisadeService {
         }
     }
 
+    async fn policy_exists(&self, name: &str) -> bool {
+        self.control
+            .list_policies()
+            .await
+            .iter()
+            .any(|p| p.name == name)
+    }
+
     fn follow(&self, mut sub: Subscription) -> EventStream {
         let (tx, rx) = mpsc::channel(64);
         let mut stop = self.stop.clone();
@@ -272,6 +280,16 @@ impl PalisadeService {
             }
         });
         Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// A refused change: `NotFound` when the policy did not exist (the CLI exits 4), else
+/// `FailedPrecondition`.
+fn refused(missing: bool, e: String) -> Status {
+    if missing {
+        Status::not_found(e)
+    } else {
+        Status::failed_precondition(e)
     }
 }
 
@@ -446,6 +464,7 @@ impl pb::palisade_server::Palisade for PalisadeService {
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let name = req.get_ref().name.clone();
         let caller = self.admin(&req, "DeletePolicy", &name)?;
+        let missing = !self.policy_exists(&name).await;
         match self.control.delete_policy(name.clone()).await {
             Ok(()) => {
                 self.audit
@@ -455,7 +474,7 @@ impl pb::palisade_server::Palisade for PalisadeService {
             Err(e) => {
                 self.audit
                     .record(&caller, "DeletePolicy", &name, &Outcome::Failed(e.clone()));
-                Err(Status::failed_precondition(e))
+                Err(refused(missing, e))
             }
         }
     }
@@ -471,6 +490,7 @@ impl pb::palisade_server::Palisade for PalisadeService {
             .flatten()
             .ok_or_else(|| Status::invalid_argument("mode must be learn, monitor or enforce"))?;
         let call = format!("SetPolicyMode({})", convert::mode_word(mode));
+        let missing = !self.policy_exists(&name).await;
         match self.control.set_mode(name.clone(), mode).await {
             Ok(()) => {
                 self.audit.record(&caller, &call, &name, &Outcome::Ok);
@@ -479,7 +499,7 @@ impl pb::palisade_server::Palisade for PalisadeService {
             Err(e) => {
                 self.audit
                     .record(&caller, &call, &name, &Outcome::Failed(e.clone()));
-                Err(Status::failed_precondition(e))
+                Err(refused(missing, e))
             }
         }
     }

@@ -2,12 +2,13 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use agent_common as abi;
 
 use crate::{
-    api::{ContainerInfo, Control, PolicyErrorInfo, PolicyInfo, StatusInfo},
+    api::{ContainerInfo, Control, PolicyErrorInfo, PolicyInfo, StatusInfo, metrics::Metrics},
     containers::inventory::Inventory,
     engine::Engine,
     events::{
@@ -42,7 +43,11 @@ impl DaemonControl {
     }
 
     /// Parse, validate and apply; every outcome is also an event on the bus.
-    pub fn apply_text(&self, yaml: &str, source: &str) -> Result<Vec<String>, Vec<PolicyErrorInfo>> {
+    pub fn apply_text(
+        &self,
+        yaml: &str,
+        source: &str,
+    ) -> Result<Vec<String>, Vec<PolicyErrorInfo>> {
         let parsed = match policy::parse_str(yaml, source) {
             Ok(p) => p,
             Err(e) => {
@@ -57,12 +62,17 @@ impl DaemonControl {
                 return Err(vec![info]);
             }
         };
-        let lines: BTreeMap<String, u32> =
-            parsed.iter().map(|p| (p.name.clone(), p.source.line)).collect();
+        let lines: BTreeMap<String, u32> = parsed
+            .iter()
+            .map(|p| (p.name.clone(), p.source.line))
+            .collect();
         let res = self.engine().apply(parsed);
         match res {
             Ok(names) => {
-                self.policy_event(Verdict::Allowed, format!("policies applied: {}", names.join(", ")));
+                self.policy_event(
+                    Verdict::Allowed,
+                    format!("policies applied: {}", names.join(", ")),
+                );
                 Ok(names)
             }
             Err(refusals) => {
@@ -84,8 +94,41 @@ impl DaemonControl {
         }
     }
 
+    /// Delete a policy and report it on the event stream (API and policy directory alike).
+    pub fn delete_named(&self, name: &str) -> Result<(), String> {
+        let r = self.engine().delete(name);
+        if r.is_ok() {
+            self.policy_event(Verdict::Allowed, format!("policy deleted: {name}"));
+        }
+        r
+    }
+
+    /// Set the daemon-level gauges of `/metrics` from the engine and the inventory.
+    pub fn update_gauges(&self, m: &Metrics) {
+        let e = self.engine();
+        m.policies.set(e.policies().count() as i64);
+        let bound = e.bound().filter(|(_, b)| b.policy.is_some()).count();
+        m.bound_containers.set(bound as i64);
+        // Without discovery the engine's bindings are all the containers the agent knows.
+        let known = match &self.inventory {
+            Some(i) => i.list().len(),
+            None => e.bound().count(),
+        };
+        m.containers.set(known as i64);
+    }
+
     fn policy_event(&self, verdict: Verdict, msg: String) {
         self.bus.publish(Event::agent(Kind::Policy, verdict, msg));
+    }
+}
+
+/// Keep the gauges current: they are cheap to compute, and a scrape must not take the engine
+/// lock on the HTTP path.
+pub async fn refresh_gauges(ctl: Arc<DaemonControl>, metrics: Arc<Metrics>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        ctl.update_gauges(&metrics);
     }
 }
 
@@ -100,11 +143,7 @@ impl Control for DaemonControl {
     }
 
     async fn delete_policy(&self, name: String) -> Result<(), String> {
-        let r = self.engine().delete(&name);
-        if r.is_ok() {
-            self.policy_event(Verdict::Allowed, format!("policy deleted: {name}"));
-        }
-        r
+        self.delete_named(&name)
     }
 
     async fn list_policies(&self) -> Vec<PolicyInfo> {
@@ -148,7 +187,12 @@ impl Control for DaemonControl {
                     Some(p) => e.policy(p).map(|a| ev_mode(a.policy.mode)),
                     None => abi_mode(e.default_mode()),
                 };
-                ContainerInfo { meta, policy: b.policy.clone(), mode, tier: tier.clone() }
+                ContainerInfo {
+                    meta,
+                    policy: b.policy.clone(),
+                    mode,
+                    tier: tier.clone(),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.meta.id.cmp(&b.meta.id));
@@ -170,9 +214,15 @@ impl Control for DaemonControl {
         counters.insert("map_exec_inodes".into(), inodes as u64);
         counters.insert("cgroup_attachments".into(), attach as u64);
         counters.insert("fanotify_marks".into(), marks as u64);
-        counters.insert("kernel_ringbuf_drops".into(), e.kernel_stat(abi::STAT_RINGBUF_DROPS));
+        counters.insert(
+            "kernel_ringbuf_drops".into(),
+            e.kernel_stat(abi::STAT_RINGBUF_DROPS),
+        );
         counters.insert("kernel_denied".into(), e.kernel_stat(abi::STAT_DENIED));
-        counters.insert("kernel_violations".into(), e.kernel_stat(abi::STAT_VIOLATIONS));
+        counters.insert(
+            "kernel_violations".into(),
+            e.kernel_stat(abi::STAT_VIOLATIONS),
+        );
         counters.insert("events_published".into(), self.bus.last_seq());
         StatusInfo {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -18,6 +18,8 @@ pub struct DirState {
     by_file: BTreeMap<PathBuf, BTreeSet<String>>,
     /// Content hash of each file last applied: an unchanged file is not re-applied.
     applied: BTreeMap<PathBuf, u64>,
+    /// Content hash of each file last rejected: reported once, not at every reload.
+    rejected: BTreeMap<PathBuf, u64>,
 }
 
 fn hash(text: &str) -> u64 {
@@ -33,8 +35,11 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
             rd.filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| {
-                    let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-                    !hidden && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                    let hidden = p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                    !hidden
+                        && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
                 })
                 .collect()
         })
@@ -57,22 +62,28 @@ pub fn reload(dir: &Path, ctl: &DaemonControl, st: &mut DirState) -> Vec<String>
             }
         };
         let h = hash(&text);
-        if st.applied.get(f) == Some(&h) {
+        if st.applied.get(f) == Some(&h) || st.rejected.get(f) == Some(&h) {
             continue;
         }
         match ctl.apply_text(&text, &name) {
             Ok(names) => {
+                st.rejected.remove(f);
                 st.applied.insert(f.clone(), h);
                 let now: BTreeSet<String> = names.into_iter().collect();
                 // Policies this file no longer defines go.
                 if let Some(before) = st.by_file.get(f) {
                     for gone in before.difference(&now) {
-                        let _ = ctl.engine.lock().map(|mut e| e.delete(gone));
+                        let _ = ctl.delete_named(gone);
                     }
                 }
                 st.by_file.insert(f.clone(), now);
             }
             Err(errs) => {
+                // A text that does not parse stays bad until it changes; a refusal by the engine
+                // (e.g. a conflict with another file) may clear when other files change.
+                if crate::policy::parse_str(&text, &name).is_err() {
+                    st.rejected.insert(f.clone(), h);
+                }
                 for e in errs {
                     warn!(error = %e, "policy file rejected; policies in force stay in force");
                     errors.push(e.to_string());
@@ -80,12 +91,18 @@ pub fn reload(dir: &Path, ctl: &DaemonControl, st: &mut DirState) -> Vec<String>
             }
         }
     }
-    let removed: Vec<PathBuf> = st.by_file.keys().filter(|f| !files.contains(f)).cloned().collect();
+    st.rejected.retain(|f, _| files.contains(f));
+    let removed: Vec<PathBuf> = st
+        .by_file
+        .keys()
+        .filter(|f| !files.contains(f))
+        .cloned()
+        .collect();
     for f in removed {
         st.applied.remove(&f);
         for name in st.by_file.remove(&f).unwrap_or_default() {
             info!(policy = %name, file = %f.display(), "policy file removed; deleting its policy");
-            let _ = ctl.engine.lock().map(|mut e| e.delete(&name));
+            let _ = ctl.delete_named(&name);
         }
     }
     errors
@@ -121,7 +138,9 @@ pub async fn watch(dir: PathBuf, ctl: std::sync::Arc<DaemonControl>, mut st: Dir
         }
         // Coalesce a burst (editors and ConfigMap swaps write several events).
         tokio::time::sleep(Duration::from_millis(100)).await;
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(10), stream.next()).await {}
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(10), stream.next()).await
+        {
+        }
         reload(&dir, &ctl, &mut st);
     }
 }
