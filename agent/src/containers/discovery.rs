@@ -7,12 +7,17 @@
 //! A runtime socket that cannot be reached leaves `metadata_known = false`, is warned about
 //! once per outage, and is retried with exponential backoff.
 use std::{
+    collections::HashMap,
     path::PathBuf,
     pin::pin,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{sync::mpsc, task::JoinHandle, time::sleep};
+use tokio::{
+    sync::mpsc,
+    task::{JoinHandle, JoinSet},
+    time::sleep,
+};
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
@@ -21,7 +26,7 @@ use super::{
     docker::{DockerAction, DockerClient},
     inventory::Inventory,
     meta::Runtime,
-    runtime_api::MetadataError,
+    runtime_api::{MetadataError, RuntimeContainer},
     watcher::{CgroupWatcher, Resolvers},
 };
 
@@ -161,8 +166,48 @@ async fn docker_loop(
     }
 }
 
+/// In-flight `inspect` calls of one Docker session, each on its own task: dockerd can hang an
+/// inspect indefinitely (seen for a container whose processes are stopped), and a hung call
+/// must not hold up the event stream — its `create` events arm bindings before a container's
+/// first exec. Per container only the answer to the newest request is applied, and a
+/// `destroy` discards answers still to come.
+#[derive(Default)]
+struct Inspections {
+    tasks: JoinSet<(String, u64, bool, Result<RuntimeContainer, MetadataError>)>,
+    latest: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Inspections {
+    /// Inspect `id`; `announce`: broadcast `Pending` if its cgroup does not exist yet.
+    fn start(&mut self, client: &DockerClient, id: String, announce: bool) {
+        self.next += 1;
+        let seq = self.next;
+        self.latest.insert(id.clone(), seq);
+        let client = client.clone();
+        self.tasks.spawn(async move {
+            let r = client.inspect(&id).await;
+            (id, seq, announce, r)
+        });
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.latest.remove(id);
+    }
+
+    /// Whether an answer is the newest for its container (and still wanted).
+    fn current(&mut self, id: &str, seq: u64) -> bool {
+        let newest = self.latest.get(id) == Some(&seq);
+        if newest {
+            self.latest.remove(id);
+        }
+        newest
+    }
+}
+
 /// One connection to dockerd: resync, then follow events and answer metadata requests until
-/// the daemon goes away.
+/// the daemon goes away (the event stream or the container list fails; a failed inspect only
+/// leaves that container's metadata unknown).
 async fn docker_session(
     client: &DockerClient,
     inventory: &Inventory,
@@ -177,6 +222,7 @@ async fn docker_session(
     let mut events = pin!(client.events(since));
     let containers = client.list().await?;
     backoff.connected();
+    let mut inspections = Inspections::default();
     for (id, state) in containers {
         if !matches!(
             state.as_str(),
@@ -184,11 +230,7 @@ async fn docker_session(
         ) {
             continue;
         }
-        match client.inspect(&id).await {
-            Ok(rc) => inventory.set_runtime_meta(rc, state == "created"),
-            Err(e) if e.is_unreachable() => return Err(e),
-            Err(e) => debug!(%id, error = %e, "docker inspect failed"),
-        }
+        inspections.start(client, id, state == "created");
     }
     loop {
         tokio::select! {
@@ -203,7 +245,10 @@ async fn docker_session(
                 };
                 debug!(id = %ev.id, action = ?ev.action, "docker event");
                 match ev.action {
-                    DockerAction::Destroy => inventory.forget(&ev.id),
+                    DockerAction::Destroy => {
+                        inspections.forget(&ev.id);
+                        inventory.forget(&ev.id);
+                    }
                     DockerAction::Die => {}
                     DockerAction::Create | DockerAction::Start => {
                         if ev.action == DockerAction::Create {
@@ -211,20 +256,22 @@ async fn docker_session(
                             // round trip completes.
                             inventory.set_runtime_meta(ev.to_runtime_container(), true);
                         }
-                        match client.inspect(&ev.id).await {
-                            Ok(rc) => inventory.set_runtime_meta(rc, false),
-                            Err(e) if e.is_unreachable() => return Err(e),
-                            // Removed again before we asked: nothing to record.
-                            Err(e) => debug!(id = %ev.id, error = %e, "docker inspect failed"),
-                        }
+                        inspections.start(client, ev.id, false);
                     }
                 }
             }
-            Some(id) = requests.recv() => match client.inspect(&id).await {
-                Ok(rc) => inventory.set_runtime_meta(rc, false),
-                Err(e) if e.is_unreachable() => return Err(e),
-                Err(e) => debug!(%id, error = %e, "docker inspect failed"),
-            },
+            Some(id) = requests.recv() => inspections.start(client, id, false),
+            Some(done) = inspections.tasks.join_next(), if !inspections.tasks.is_empty() => {
+                let Ok((id, seq, announce, result)) = done else { continue };
+                if !inspections.current(&id, seq) {
+                    continue;
+                }
+                match result {
+                    Ok(rc) => inventory.set_runtime_meta(rc, announce),
+                    // Removed again before we asked, or dockerd did not answer in time.
+                    Err(e) => debug!(%id, error = %e, "docker inspect failed"),
+                }
+            }
         }
     }
 }
