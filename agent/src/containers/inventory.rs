@@ -27,7 +27,8 @@ pub enum InventoryEvent {
     Created(ContainerMeta),
     /// Metadata, pid or nested cgroups changed.
     Updated(ContainerMeta),
-    /// The container's cgroup is gone.
+    /// The container's cgroup is gone; or (`cgroup_id == 0`) the runtime destroyed a container
+    /// that has no cgroup.
     Removed(ContainerMeta),
     /// The runtime announced a container whose cgroup does not exist yet (Docker `create`).
     /// `id` is the full container id, which the container's cgroup path will contain.
@@ -255,9 +256,22 @@ impl Inventory {
         }
     }
 
-    /// The runtime destroyed the container: forget its metadata.
+    /// The runtime destroyed the container: forget its metadata. If it has no cgroup (created
+    /// and never started, or already stopped), `Removed` is broadcast with `cgroup_id == 0`:
+    /// whatever was armed for its `Pending` announcement can be let go.
     pub fn forget(&self, id: &str) {
-        self.write().runtime_meta.remove(id);
+        let mut s = self.write();
+        let rc = s.runtime_meta.remove(id);
+        if let Some(rc) = rc
+            && !s.containers.contains_key(id)
+        {
+            let mut meta = ContainerMeta {
+                id: rc.id.clone(),
+                ..Default::default()
+            };
+            rc.apply_to(&mut meta);
+            self.emit(InventoryEvent::Removed(meta));
+        }
     }
 
     /// Sets the pid of a container whose runtime did not report one.
@@ -306,6 +320,34 @@ mod tests {
         assert!(m.metadata_known);
         assert_eq!((m.name.as_deref(), m.cgroup_id), (Some("web"), 77));
         assert_eq!(inv.by_cgroup_id(77).unwrap().id, ID);
+    }
+
+    #[test]
+    fn destroyed_before_its_cgroup_existed_is_removed_without_cgroup() {
+        let inv = Inventory::new();
+        let mut rx = inv.subscribe();
+        inv.set_runtime_meta(rc(), true);
+        let _ = rx.try_recv(); // Pending
+        inv.forget(ID);
+        let InventoryEvent::Removed(m) = rx.try_recv().unwrap() else {
+            panic!("expected Removed")
+        };
+        assert_eq!(
+            (m.id.as_str(), m.cgroup_id, m.runtime),
+            (ID, 0, Runtime::Docker)
+        );
+        inv.forget(ID);
+        assert!(rx.try_recv().is_err(), "forgotten once");
+        // With a live cgroup, the cgroup's removal reports it, not the destroy.
+        inv.set_runtime_meta(rc(), false);
+        inv.add_container_cgroup(
+            &parse_cgroup_path(&format!("/docker/{ID}")).unwrap(),
+            3,
+            None,
+        );
+        let _ = rx.try_recv(); // Created
+        inv.forget(ID);
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

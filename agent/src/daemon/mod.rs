@@ -334,7 +334,7 @@ fn on_inventory(engine: &Arc<Mutex<Engine>>, ev: InventoryEvent) {
     match ev {
         InventoryEvent::Created(m) => e.container_added(&m),
         InventoryEvent::Updated(m) => e.container_updated(&m),
-        InventoryEvent::Removed(m) => e.container_removed(m.cgroup_id),
+        InventoryEvent::Removed(m) => e.container_gone(&m),
         InventoryEvent::Pending {
             runtime,
             id,

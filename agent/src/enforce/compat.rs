@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use super::{
     Backend, EnforceError,
-    fanotify::{self, DecisionThread, Decider, Group, MarkSet, Request, Verdict},
+    fanotify::{self, Decider, DecisionThread, Group, MarkSet, Request, Verdict},
     rules::ExecInodes,
     snapshot::{self, SharedSnapshot},
 };
@@ -33,7 +33,7 @@ pub struct CompatBackend {
     marks: HashMap<u64, MarkSet>,
     cgroup_dirs: HashMap<u64, PathBuf>,
     snapshot: SharedSnapshot,
-    exec_inodes: ExecInodes,
+    exec_inodes: AllowedInodes,
 }
 
 impl CompatBackend {
@@ -46,6 +46,7 @@ impl CompatBackend {
         exec_inodes: ExecInodes,
         report: Reporter,
     ) -> Result<Self, EnforceError> {
+        let exec_inodes = AllowedInodes::new(exec_inodes);
         let (group, thread) = match state_dir {
             Some(dir) => {
                 let group = Group::open_or_adopt(dir)?;
@@ -82,7 +83,10 @@ impl CompatBackend {
             && r.dev() == h.dev()
             && r.ino() == h.ino()
         {
-            debug!(cgroup_id, pid, "process not in its container root yet; not marking");
+            debug!(
+                cgroup_id,
+                pid, "process not in its container root yet; not marking"
+            );
             return;
         }
         if let Some(set) = self.marks.get_mut(&cgroup_id) {
@@ -92,29 +96,96 @@ impl CompatBackend {
         match group.mark_container(pid) {
             Ok(set) => {
                 let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-                let points: Vec<String> =
-                    set.mounts.iter().map(|m| String::from_utf8_lossy(&m.mountpoint).into_owned()).collect();
+                let points: Vec<String> = set
+                    .mounts
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.mountpoint).into_owned())
+                    .collect();
                 debug!(cgroup_id, pid, exe = %exe.display(), ?points, "container mounts marked");
                 self.marks.insert(cgroup_id, set);
             }
             Err(e) => warn!(cgroup_id, pid, error = %e, "cannot mark container mounts"),
         }
     }
+}
 
+/// The allowed-exec inode map (`PAL_EXEC_INODES`) and which policed cgroups each entry was
+/// written for. A container's root is its own overlayfs device, so entries are in effect per
+/// container: an entry goes when the last cgroup it was written for is unbound, else the map
+/// fills up as containers come and go.
+#[derive(Clone)]
+struct AllowedInodes {
+    map: ExecInodes,
+    owners: Arc<Mutex<InodeOwners>>,
+}
+
+#[derive(Default)]
+struct InodeOwners {
+    by_cgroup: HashMap<u64, HashSet<InodeKey>>,
+    refs: HashMap<InodeKey, usize>,
+}
+
+impl AllowedInodes {
+    fn new(map: ExecInodes) -> Self {
+        AllowedInodes {
+            map,
+            owners: Arc::default(),
+        }
+    }
+
+    /// Let the kernel run `key` without asking (for every cgroup under its ruleset).
+    fn allow(&self, cgroup_id: u64, key: InodeKey) {
+        // Owners first, then the map (same order as `release`): an entry written concurrently
+        // with its cgroup's release is either released or not yet recorded, never orphaned.
+        let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(mut m) = self.map.lock() {
+            let _ = m.insert(&key, &key.ruleset, 0);
+        }
+        if o.by_cgroup.entry(cgroup_id).or_default().insert(key) {
+            *o.refs.entry(key).or_default() += 1;
+        }
+    }
+
+    /// The cgroup is gone: delete the entries no other cgroup needs.
+    fn release(&self, cgroup_id: u64) {
+        let mut o = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(keys) = o.by_cgroup.remove(&cgroup_id) else {
+            return;
+        };
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            let last = match o.refs.get_mut(&k) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            };
+            if last {
+                o.refs.remove(&k);
+                let _ = m.remove(&k);
+            }
+        }
+    }
 }
 
 /// Process state `T` (stopped) in /proc/<pid>/stat.
 fn stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
         .unwrap_or(false)
 }
 
 impl CompatBackend {
     /// Decide a stopped process from its image, as the backstop event would have.
     fn answer_stopped(&mut self, cgroup_id: u64, pid: i32) {
-        let Ok(st) = nix::sys::stat::stat(format!("/proc/{pid}/exe").as_str()) else { return };
+        let Ok(st) = nix::sys::stat::stat(format!("/proc/{pid}/exe").as_str()) else {
+            return;
+        };
         // SAFETY: `Event` is plain old data; all-zero is a valid value.
         let mut k: abi::Event = unsafe { std::mem::zeroed() };
         k.cgroup_id = cgroup_id;
@@ -149,15 +220,21 @@ impl CompatBackend {
         };
         let ruleset = b.as_ref().map_or(k.ruleset, |b| b.ruleset);
         if allowed {
-            let key = InodeKey { ruleset, dev: k.dev, ino: k.ino };
-            if let Ok(mut m) = self.exec_inodes.lock() {
-                let _ = m.insert(&key, &ruleset, 0);
-            }
+            let key = InodeKey {
+                ruleset,
+                dev: k.dev,
+                ino: k.ino,
+            };
+            self.exec_inodes.allow(k.cgroup_id, key);
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
             None
         } else {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            let mut e = Event::agent(Kind::Exec, ev::Verdict::Denied, "exec denied by the backstop");
+            let mut e = Event::agent(
+                Kind::Exec,
+                ev::Verdict::Denied,
+                "exec denied by the backstop",
+            );
             e.source = Source::ExecTrace;
             e.pid = k.pid;
             e.tgid = k.tgid;
@@ -167,7 +244,9 @@ impl CompatBackend {
             e.path = Some(String::from_utf8_lossy(&path).into_owned());
             e.access = Some("exec".into());
             e.flags = vec!["killed".into()];
-            e.comm = String::from_utf8_lossy(&k.comm).trim_end_matches('\0').to_string();
+            e.comm = String::from_utf8_lossy(&k.comm)
+                .trim_end_matches('\0')
+                .to_string();
             e.message = None;
             Some(e)
         }
@@ -199,6 +278,7 @@ impl Backend for CompatBackend {
     }
 
     fn on_unbind(&mut self, cgroup_id: u64) {
+        self.exec_inodes.release(cgroup_id);
         self.loaded.detach_cgroup(cgroup_id);
         self.cgroup_dirs.remove(&cgroup_id);
         if let (Some(g), Some(set)) = (&self.group, self.marks.remove(&cgroup_id)) {
@@ -248,7 +328,7 @@ impl Backend for CompatBackend {
 /// Answers fanotify from the same compiled policies the kernel maps hold.
 struct PolicyDecider {
     snapshot: SharedSnapshot,
-    exec_inodes: ExecInodes,
+    exec_inodes: AllowedInodes,
     report: Reporter,
     /// Learn mode: (ruleset, kind, path) already reported.
     learned: Mutex<HashSet<(u32, u8, Vec<u8>)>>,
@@ -263,16 +343,22 @@ impl Decider for PolicyDecider {
         let (access, d) = match req.kind {
             fanotify::Kind::Exec => (ACC_EXEC, b.compiled.check_exec(&req.path)),
             fanotify::Kind::Open => {
-                let a = if req.write { ACC_READ | ACC_WRITE } else { ACC_READ };
+                let a = if req.write {
+                    ACC_READ | ACC_WRITE
+                } else {
+                    ACC_READ
+                };
                 (a, b.compiled.check_file(&req.path, a))
             }
         };
         let is_exec = req.kind == fanotify::Kind::Exec;
         if d.allowed && is_exec {
-            let key = InodeKey { ruleset: b.ruleset, dev: fanotify::kernel_dev(req.dev), ino: req.ino };
-            if let Ok(mut m) = self.exec_inodes.lock() {
-                let _ = m.insert(&key, &b.ruleset, 0);
-            }
+            let key = InodeKey {
+                ruleset: b.ruleset,
+                dev: fanotify::kernel_dev(req.dev),
+                ino: req.ino,
+            };
+            self.exec_inodes.allow(req.cgroup_id, key);
         }
         let verdict = match b.mode {
             abi::MODE_LEARN => ev::Verdict::Learned,
@@ -317,7 +403,10 @@ impl Decider for PolicyDecider {
         }
         let allow = verdict != ev::Verdict::Denied;
         debug!(path = %String::from_utf8_lossy(&req.path), allow, "fanotify decision");
-        Verdict { allow, cache: allow && self.cacheable(req) }
+        Verdict {
+            allow,
+            cache: allow && self.cacheable(req),
+        }
     }
 }
 
@@ -331,7 +420,9 @@ impl PolicyDecider {
                 && match req.kind {
                     fanotify::Kind::Exec => b.compiled.check_exec(&req.path).allowed,
                     fanotify::Kind::Open => {
-                        b.compiled.check_file(&req.path, ACC_READ | ACC_WRITE).allowed
+                        b.compiled
+                            .check_file(&req.path, ACC_READ | ACC_WRITE)
+                            .allowed
                     }
                 }
         })

@@ -31,7 +31,11 @@ impl Engine {
         let policy = self.policy_for(meta).map(|a| a.policy.name.clone());
         self.bound.insert(
             meta.cgroup_id,
-            Bound { meta: meta.clone(), policy: policy.clone(), dir: dir.clone() },
+            Bound {
+                meta: meta.clone(),
+                policy: policy.clone(),
+                dir: dir.clone(),
+            },
         );
         self.flip(meta.cgroup_id);
         if fresh {
@@ -65,7 +69,28 @@ impl Engine {
                     self.rules.clear_pending(&p);
                 }
             }
-            self.snapshot.write().unwrap_or_else(|e| e.into_inner()).by_cgroup.remove(&cgroup_id);
+            self.snapshot
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .by_cgroup
+                .remove(&cgroup_id);
+        }
+    }
+
+    /// The inventory reports a container gone: its cgroup was removed, or (`cgroup_id == 0`)
+    /// the runtime destroyed it without a cgroup — created and never started. Its pending
+    /// bindings go too: `PAL_PENDING` is small, and a full map would leave new containers
+    /// unbound at their first exec.
+    pub fn container_gone(&mut self, meta: &ContainerMeta) {
+        if meta.cgroup_id != 0 {
+            self.container_removed(meta.cgroup_id);
+        }
+        if meta.runtime != Runtime::Cgroup
+            && let Some((_, paths)) = self.pending.remove(&meta.id)
+        {
+            for p in paths {
+                self.rules.clear_pending(&p);
+            }
         }
     }
 
@@ -118,7 +143,14 @@ impl Engine {
         }
         let dir = cgroup2::absolute_path(&self.cgroup_root, path);
         let policy = self.policy_for(&meta).map(|a| a.policy.name.clone());
-        self.bound.insert(cgroup_id, Bound { meta, policy, dir: dir.clone() });
+        self.bound.insert(
+            cgroup_id,
+            Bound {
+                meta,
+                policy,
+                dir: dir.clone(),
+            },
+        );
         self.flip(cgroup_id);
         if let Err(e) = self.backend.on_bind(cgroup_id, &dir) {
             warn!(cgroup = %path, error = %e, "attaching enforcement failed");
@@ -135,7 +167,13 @@ impl Engine {
         let direct: Vec<(String, String)> = self
             .policies
             .values()
-            .filter_map(|a| a.policy.selector.cgroup_path.clone().map(|p| (a.policy.name.clone(), p)))
+            .filter_map(|a| {
+                a.policy
+                    .selector
+                    .cgroup_path
+                    .clone()
+                    .map(|p| (a.policy.name.clone(), p))
+            })
             .collect();
         for (_, path) in direct {
             let meta = ContainerMeta {
@@ -150,9 +188,13 @@ impl Engine {
             }
             let dir = cgroup2::absolute_path(&self.cgroup_root, &path);
             if let Ok(id) = cgroup2::cgroup_id(&dir) {
-                self.container_added(&ContainerMeta { cgroup_id: id, ..meta });
+                self.container_added(&ContainerMeta {
+                    cgroup_id: id,
+                    ..meta
+                });
             }
-            self.pending.insert(path.clone(), (meta_for_pending(&path), vec![path]));
+            self.pending
+                .insert(path.clone(), (meta_for_pending(&path), vec![path]));
         }
     }
 
@@ -161,7 +203,9 @@ impl Engine {
     pub(super) fn rebind_all(&mut self) {
         let ids: Vec<u64> = self.bound.keys().copied().collect();
         for id in ids {
-            let Some(b) = self.bound.get(&id) else { continue };
+            let Some(b) = self.bound.get(&id) else {
+                continue;
+            };
             let policy = self.policy_for(&b.meta).map(|a| a.policy.name.clone());
             if policy.is_none() && b.meta.runtime == Runtime::Cgroup {
                 // A cgroup bound only because a policy named it: no longer policed.
@@ -174,8 +218,11 @@ impl Engine {
             self.flip(id);
         }
         // Pending path bindings of deleted policies.
-        let live: Vec<String> =
-            self.policies.values().filter_map(|a| a.policy.selector.cgroup_path.clone()).collect();
+        let live: Vec<String> = self
+            .policies
+            .values()
+            .filter_map(|a| a.policy.selector.cgroup_path.clone())
+            .collect();
         let stale: Vec<String> = self
             .pending
             .keys()
@@ -191,13 +238,22 @@ impl Engine {
         for (m, paths) in armed {
             self.arm(&m, &paths);
         }
-        let names = self.policies.values().map(|a| (a.id, a.policy.name.clone())).collect();
-        self.snapshot.write().unwrap_or_else(|e| e.into_inner()).policy_names = names;
+        let names = self
+            .policies
+            .values()
+            .map(|a| (a.id, a.policy.name.clone()))
+            .collect();
+        self.snapshot
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .policy_names = names;
     }
 
     /// Write the kernel entry and the snapshot for one bound cgroup.
     fn flip(&mut self, cgroup_id: u64) {
-        let Some(b) = self.bound.get(&cgroup_id) else { return };
+        let Some(b) = self.bound.get(&cgroup_id) else {
+            return;
+        };
         let active = b.policy.as_deref().and_then(|n| self.policies.get(n));
         let kpol = self.kernel_policy(&b.meta, active);
         let mut binding = self.binding_for(active);
@@ -207,12 +263,19 @@ impl Engine {
         }
         let mut s = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
         s.by_cgroup.insert(cgroup_id, binding);
-        let names = self.policies.values().map(|a| (a.id, a.policy.name.clone())).collect();
+        let names = self
+            .policies
+            .values()
+            .map(|a| (a.id, a.policy.name.clone()))
+            .collect();
         s.policy_names = names;
     }
 
     /// Hand a kernel exec event to the backend (tier 2 answers stopped execs).
-    pub fn on_exec_event(&mut self, ev: &agent_common::Event) -> Option<crate::events::model::Event> {
+    pub fn on_exec_event(
+        &mut self,
+        ev: &agent_common::Event,
+    ) -> Option<crate::events::model::Event> {
         let was_ready = self.backend.ready(ev.cgroup_id);
         let out = self.backend.on_exec_event(ev);
         if !was_ready && self.backend.ready(ev.cgroup_id) {
@@ -235,7 +298,10 @@ fn meta_for_pending(path: &str) -> ContainerMeta {
 /// Where a runtime will create a container's cgroup (cgroupfs and systemd drivers).
 pub fn predicted_cgroup_paths(runtime: Runtime, id: &str) -> Vec<String> {
     match runtime {
-        Runtime::Docker => vec![format!("/docker/{id}"), format!("/system.slice/docker-{id}.scope")],
+        Runtime::Docker => vec![
+            format!("/docker/{id}"),
+            format!("/system.slice/docker-{id}.scope"),
+        ],
         Runtime::Podman => vec![format!("/machine.slice/libpod-{id}.scope")],
         Runtime::Crio => vec![format!("/crio-{id}.scope")],
         Runtime::Containerd | Runtime::Cgroup => Vec::new(),
