@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: what enforcement costs a containerised process, measured inside real
 //! Docker containers against a no-agent baseline taken in the same run.
 //!
-//! Three phases, each in a fresh container (`--network host`, a host directory of small files
+//! Phases, each in a fresh container (`--network host`, a host directory of small files
 //! bind-mounted at /bench, the static `bench_ops` program copied in):
-//! 1. baseline: no agent running;
+//! 1. baseline: no agent running (measured before the agent starts and again after it
+//!    stopped, so drift of a shared machine shows);
 //! 2. default: the release agent (`--enforcer compat`) running, the container under the node
 //!    default (monitor, no rules);
 //! 3. enforce: the same agent, the container selected by an enforce policy that allows the
@@ -103,8 +104,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         .args(["-static", "-O2", "-o"])
         .arg(&bench_ops)
         .arg(root().join("tests/programs/bench_ops.c")))?;
-    let port = spawn_listener()?;
-    let denied_port = spawn_listener()?;
+    let (port, denied_port) = (free_port()?, free_port()?);
     let rig = Rig {
         dir: dir.clone(),
         bench_ops,
@@ -114,9 +114,16 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         reps: opts.reps.max(1),
     };
     let result = rig.all_phases();
-    let _ = fs::remove_dir_all(&dir);
-    let table = result?;
-    print_table(&table, rig.reps);
+    if result.is_err() {
+        eprintln!(
+            "[xtask] bench failed; agent log and files kept in {}",
+            dir.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    let results = result?;
+    print_table(&results, rig.reps);
     eprintln!(
         "[xtask] bench done in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -124,45 +131,63 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-/// A listener on 127.0.0.1 whose connections are accepted and dropped at once, so the backlog
-/// never fills. The thread ends with the process.
-fn spawn_listener() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
-    let port = listener.local_addr()?.port();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            drop(conn);
-        }
-    });
-    Ok(port)
+/// A loopback port nobody listens on now. `bench_ops connect` listens on it itself (with a
+/// backlog std's `TcpListener` cannot set); the enforce policy allows exactly it.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    Ok(listener.local_addr()?.port())
 }
 
-/// Median ns/op of every operation in one phase, in [`OPS`] order.
-type Row = [u64; 4];
+/// ns/op samples of one phase, per operation in [`OPS`] order, and execs denied by mistake.
+#[derive(Default)]
+struct Samples {
+    ns: [Vec<u64>; 4],
+    denied_execs: u64,
+}
+
+/// Every phase's samples: baseline (before and after the agent ran), default, enforce.
+struct Results {
+    baseline_before: Samples,
+    baseline_after: Samples,
+    default: Samples,
+    enforce: Samples,
+}
 
 impl Rig {
-    fn all_phases(&self) -> Result<[Row; 3]> {
-        let baseline = self.phase_retrying(Phase::Baseline, None)?;
+    fn all_phases(&self) -> Result<Results> {
+        let baseline_before = self.phase_retrying(Phase::Baseline, None, "before")?;
         let agent_dir = self.dir.join("agent");
         fs::create_dir_all(agent_dir.join("policies"))?;
         fs::write(agent_dir.join("policies/bench.yaml"), policy(self.port))?;
         wait_quiet(None)?;
         let agent = BenchAgent::start(&self.palisade, &agent_dir)?;
-        let default = self.phase_retrying(Phase::Default, Some(&agent))?;
-        let enforce = self.phase_retrying(Phase::Enforce, Some(&agent))?;
+        let default = self.phase_retrying(Phase::Default, Some(&agent), "")?;
+        let enforce = self.phase_retrying(Phase::Enforce, Some(&agent), "")?;
         drop(agent);
-        Ok([baseline, default, enforce])
+        let baseline_after = self.phase_retrying(Phase::Baseline, None, "after")?;
+        Ok(Results {
+            baseline_before,
+            baseline_after,
+            default,
+            enforce,
+        })
     }
 
     /// Runs a phase; if another agent ran meanwhile (it would have policed our container), runs
     /// it again.
-    fn phase_retrying(&self, phase: Phase, agent: Option<&BenchAgent>) -> Result<Row> {
+    fn phase_retrying(
+        &self,
+        phase: Phase,
+        agent: Option<&BenchAgent>,
+        round: &str,
+    ) -> Result<Samples> {
         let ours = agent.map(BenchAgent::pid);
         for attempt in 1..=3 {
             wait_quiet(ours)?;
-            let row = self.phase(phase, agent, attempt)?;
+            let samples =
+                self.phase(phase, agent, &format!("{}{round}-{attempt}", phase.name()))?;
             if other_agents(ours).is_empty() {
-                return Ok(row);
+                return Ok(samples);
             }
             eprintln!(
                 "[xtask] bench: another palisade agent started during the {} phase; redoing it",
@@ -172,11 +197,10 @@ impl Rig {
         bail!("other palisade agents kept interfering with the benchmark")
     }
 
-    fn phase(&self, phase: Phase, agent: Option<&BenchAgent>, attempt: usize) -> Result<Row> {
-        eprintln!("[xtask] bench: {} phase", phase.name());
-        let tag = format!("{}-{attempt}", phase.name());
+    fn phase(&self, phase: Phase, agent: Option<&BenchAgent>, tag: &str) -> Result<Samples> {
+        eprintln!("[xtask] bench: {tag} phase");
         // Fresh files per phase and repetition: the first open of each is a real first open.
-        let files = self.dir.join("files").join(&tag);
+        let files = self.dir.join("files").join(tag);
         for rep in 0..self.reps {
             let d = files.join(format!("r{rep}"));
             fs::create_dir_all(&d)?;
@@ -201,13 +225,24 @@ impl Rig {
             agent.wait_bound(&c.id, want)?;
         }
         self.sanity(phase, &c)?;
-        let mut samples: [Vec<u64>; 4] = Default::default();
+        let mut samples = Samples::default();
         for rep in 0..self.reps {
             for (i, op) in OPS.iter().enumerate() {
-                samples[i].push(self.measure(&c, *op, rep)?);
+                let (ns, denied) = self.measure(&c, *op, rep)?;
+                samples.ns[i].push(ns);
+                samples.denied_execs += denied;
             }
         }
-        Ok(samples.map(|mut s| median(&mut s)))
+        for (op, s) in OPS.iter().zip(&samples.ns) {
+            eprintln!("[xtask] bench: {tag:>16} {:<28} ns/op {s:?}", op.label());
+        }
+        if samples.denied_execs > 0 {
+            eprintln!(
+                "[xtask] bench: WARNING: {} allowed execs failed with EPERM in the {tag} phase",
+                samples.denied_execs
+            );
+        }
+        Ok(samples)
     }
 
     /// Checks the container is in the state the phase claims: in the enforce phase the
@@ -227,10 +262,10 @@ impl Rig {
             "127.0.0.1",
             &self.port.to_string(),
         ])?;
-        let want_denied = if phase == Phase::Enforce {
-            "EPERM"
+        let (open_denied, conn_denied) = if phase == Phase::Enforce {
+            ("EPERM", "EPERM")
         } else {
-            "ok"
+            ("ok", "allowed")
         };
         let got = [
             open_ok.as_str(),
@@ -238,7 +273,7 @@ impl Rig {
             open_other.as_str(),
             conn_other.as_str(),
         ];
-        if got != ["ok", "ok", want_denied, want_denied] {
+        if got != ["ok", "allowed", open_denied, conn_denied] {
             bail!(
                 "{} phase: unexpected probe results (allowed open, allowed connect, other open, \
                  other connect) = {got:?}",
@@ -248,7 +283,8 @@ impl Rig {
         Ok(())
     }
 
-    fn measure(&self, c: &BenchContainer, op: Op, rep: usize) -> Result<u64> {
+    /// One run: (ns/op, execs that failed with EPERM).
+    fn measure(&self, c: &BenchContainer, op: Op, rep: usize) -> Result<(u64, u64)> {
         let port = self.port.to_string();
         let (n, dir) = (format!("{}", iterations(op)), format!("/bench/r{rep}"));
         let args: Vec<&str> = match op {
@@ -260,8 +296,12 @@ impl Rig {
         let mut cmd = vec!["/bench_ops"];
         cmd.extend(args);
         let out = c.exec(&cmd)?;
-        out.parse()
-            .with_context(|| format!("bench_ops printed {out:?} for {}", op.label()))
+        let mut fields = out.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(ns)), Some(Ok(denied))) => Ok((ns, denied)),
+            (Some(Ok(ns)), None) => Ok((ns, 0)),
+            _ => bail!("bench_ops printed {out:?} for {}", op.label()),
+        }
     }
 }
 
@@ -274,9 +314,10 @@ fn iterations(op: Op) -> usize {
     }
 }
 
-fn median(v: &mut [u64]) -> u64 {
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
     v.sort_unstable();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 /// Allows exactly the workload: the two programs, the bench files (read and write, so the
@@ -305,20 +346,28 @@ spec:
     )
 }
 
-fn print_table(rows: &[Row; 3], reps: usize) {
+fn print_table(r: &Results, reps: usize) {
     let kernel = capture(Command::new("uname").arg("-r")).unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\nPalisade benchmark: median of {reps} runs, ns per operation, inside a Docker \
-         container ({cpus} CPUs, kernel {}), agent --enforcer compat\n",
+        "\nPalisade benchmark: median of {reps} runs per phase (baseline: {} runs, before and \
+         after the agent), ns per operation inside a Docker container; {cpus} CPUs, kernel {}; \
+         agent --enforcer compat\n",
+        2 * reps,
         kernel.trim()
     );
     println!(
-        "| operation | iterations | baseline ns/op | default ns/op | enforce ns/op | default/baseline | enforce/baseline |"
+        "| operation | iterations | baseline | default policy | enforce | default / baseline | enforce / baseline |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, op) in OPS.iter().enumerate() {
-        let (b, d, e) = (rows[0][i], rows[1][i], rows[2][i]);
+        let all: Vec<u64> = [&r.baseline_before.ns[i], &r.baseline_after.ns[i]]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let b = median(&all);
+        let (d, e) = (median(&r.default.ns[i]), median(&r.enforce.ns[i]));
         let ratio = |x: u64| x as f64 / b.max(1) as f64;
         println!(
             "| {} | {} | {b} | {d} | {e} | {:.2} | {:.2} |",
@@ -328,9 +377,26 @@ fn print_table(rows: &[Row; 3], reps: usize) {
             ratio(e)
         );
     }
+    println!("\nbaseline before / after the agent ran (drift check):");
+    for (i, op) in OPS.iter().enumerate() {
+        println!(
+            "  {:<28} {} / {} ns/op",
+            op.label(),
+            median(&r.baseline_before.ns[i]),
+            median(&r.baseline_after.ns[i])
+        );
+    }
+    let denied = r.default.denied_execs + r.enforce.denied_execs;
+    if denied > 0 {
+        println!(
+            "\nWARNING: {denied} allowed execs failed with EPERM (default {}, enforce {}).",
+            r.default.denied_execs, r.enforce.denied_execs
+        );
+    }
 }
 
-/// Pids of running `palisade agent` processes other than `ours` (read-only check).
+/// Pids of running `palisade agent` processes other than `ours` (read-only check). Fanotify
+/// holders share the agent's command line but police nothing themselves: skipped.
 fn other_agents(ours: Option<u32>) -> Vec<u32> {
     let out = Command::new("pgrep")
         .args(["-f", "palisade agent"])
@@ -341,6 +407,10 @@ fn other_agents(ours: Option<u32>) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .filter(|p| Some(*p) != ours)
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() != "palisade-fanhld")
+        })
         .collect()
 }
 
