@@ -21,7 +21,9 @@ pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> u32 {
     let path: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of kernel memory at BTF-derived offsets.
     unsafe {
-        let Ok(root) = read::<*const u8>(cgrp, get::OFF_CGROUP_ROOT()) else { return 0 };
+        let Ok(root) = read::<*const u8>(cgrp, get::OFF_CGROUP_ROOT()) else {
+            return 0;
+        };
         // cgroup-v1 hierarchies fire this too; only the v2 hierarchy (id 0) is ours.
         if read::<i32>(root, get::OFF_CGROUP_ROOT_HIERARCHY_ID()) != Ok(0) {
             return 0;
@@ -36,13 +38,21 @@ pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> u32 {
         let pol = match PENDING.get(key).copied() {
             Some(p) => p,
             None => {
-                let Some(parent_id) = parent_id(cgrp) else { return 0 };
-                let Some(p) = CGROUPS.get(&parent_id).copied() else { return 0 };
+                let Some(parent_id) = parent_id(cgrp) else {
+                    return 0;
+                };
+                let Some(p) = CGROUPS.get(&parent_id).copied() else {
+                    return 0;
+                };
                 p
             }
         };
-        let Ok(kn) = read::<*const u8>(cgrp, get::OFF_CGROUP_KN()) else { return 0 };
-        let Ok(id) = read::<u64>(kn, get::OFF_KERNFS_NODE_ID()) else { return 0 };
+        let Ok(kn) = read::<*const u8>(cgrp, get::OFF_CGROUP_KN()) else {
+            return 0;
+        };
+        let Ok(id) = read::<u64>(kn, get::OFF_KERNFS_NODE_ID()) else {
+            return 0;
+        };
         if CGROUPS.insert(&id, &pol, 0).is_err() {
             return 0;
         }

@@ -12,8 +12,12 @@ pub fn cgroup_rmdir(ctx: BtfTracePointContext) -> u32 {
     let cgrp: *const u8 = ctx.arg(0);
     // SAFETY: probe reads of kernel memory at BTF-derived offsets.
     unsafe {
-        let Ok(kn) = read::<*const u8>(cgrp, get::OFF_CGROUP_KN()) else { return 0 };
-        let Ok(id) = read::<u64>(kn, get::OFF_KERNFS_NODE_ID()) else { return 0 };
+        let Ok(kn) = read::<*const u8>(cgrp, get::OFF_CGROUP_KN()) else {
+            return 0;
+        };
+        let Ok(id) = read::<u64>(kn, get::OFF_KERNFS_NODE_ID()) else {
+            return 0;
+        };
         let _ = CGROUPS.remove(&id);
     }
     0

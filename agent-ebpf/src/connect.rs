@@ -16,7 +16,9 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval.clamp(-4095, 0);
     }
-    let Some(sub) = decide::current() else { return 0 };
+    let Some(sub) = decide::current() else {
+        return 0;
+    };
     let sock: *const u8 = ctx.arg(0);
     let addr: *const u8 = ctx.arg(1);
     let addrlen: i32 = ctx.arg(2);
@@ -29,7 +31,9 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval.clamp(-4095, 0);
     }
-    let Some(sub) = decide::current() else { return 0 };
+    let Some(sub) = decide::current() else {
+        return 0;
+    };
     let sock: *const u8 = ctx.arg(0);
     let msg: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of kernel memory at BTF-derived offsets.
@@ -39,7 +43,11 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
         return 0;
     }
     let Ok(name) = (unsafe { read::<*const u8>(msg, get::OFF_MSGHDR_MSG_NAME()) }) else {
-        return if decide::judge(&sub.pol, false).1 { -EPERM } else { 0 };
+        return if decide::judge(&sub.pol, false).1 {
+            -EPERM
+        } else {
+            0
+        };
     };
     if name.is_null() {
         // Connected UDP: its destination was policed at connect.
@@ -49,14 +57,25 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
 }
 
 #[inline(always)]
-fn verdict(sub: &decide::Subject, sock: *const u8, addr: *const u8, addrlen: i32, flags: u16) -> i32 {
+fn verdict(
+    sub: &decide::Subject,
+    sock: *const u8,
+    addr: *const u8,
+    addrlen: i32,
+    flags: u16,
+) -> i32 {
     // SAFETY: probe reads of kernel memory.
     let family = unsafe { read::<u16>(addr, 0) }.unwrap_or(0);
     if family != AF_INET && family != AF_INET6 {
         return 0;
     }
     let sock_type = unsafe { read::<u16>(sock, get::OFF_SOCKET_TYPE()) }.unwrap_or(0) as u32;
-    let mut d = Dest { family, addr: [0; 16], port: 0, proto: net::proto_bits(sock_type) };
+    let mut d = Dest {
+        family,
+        addr: [0; 16],
+        port: 0,
+        proto: net::proto_bits(sock_type),
+    };
     let mut flags = flags;
     let port = unsafe { read::<u16>(addr, 2) };
     let ok = if family == AF_INET {
@@ -83,5 +102,9 @@ fn verdict(sub: &decide::Subject, sock: *const u8, addr: *const u8, addrlen: i32
     if !ok {
         flags |= EV_TRUNCATED;
     }
-    if net::decide(sub, &d, flags) { 0 } else { -EPERM }
+    if net::decide(sub, &d, flags) {
+        0
+    } else {
+        -EPERM
+    }
 }

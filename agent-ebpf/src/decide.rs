@@ -50,7 +50,9 @@ fn in_host_mntns() -> bool {
     // SAFETY: probe reads of kernel memory; any failure counts as "not host" (policed).
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let Ok(nsproxy) = read::<*const u8>(task, get::OFF_TASK_NSPROXY()) else { return false };
+        let Ok(nsproxy) = read::<*const u8>(task, get::OFF_TASK_NSPROXY()) else {
+            return false;
+        };
         let Ok(mnt_ns) = read::<*const u8>(nsproxy, get::OFF_NSPROXY_MNT_NS()) else {
             return false;
         };
@@ -69,12 +71,18 @@ fn at_host_root() -> bool {
     // SAFETY: probe reads of kernel memory; any failure counts as "not host" (policed).
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let Ok(fs) = read::<*const u8>(task, get::OFF_TASK_FS()) else { return false };
+        let Ok(fs) = read::<*const u8>(task, get::OFF_TASK_FS()) else {
+            return false;
+        };
         let Ok(dentry) = read::<*const u8>(fs, get::OFF_FS_ROOT() + get::OFF_PATH_DENTRY()) else {
             return false;
         };
-        let Ok(inode) = read::<*const u8>(dentry, get::OFF_DENTRY_D_INODE()) else { return false };
-        let Ok(sb) = read::<*const u8>(dentry, get::OFF_DENTRY_D_SB()) else { return false };
+        let Ok(inode) = read::<*const u8>(dentry, get::OFF_DENTRY_D_INODE()) else {
+            return false;
+        };
+        let Ok(sb) = read::<*const u8>(dentry, get::OFF_DENTRY_D_SB()) else {
+            return false;
+        };
         read::<u64>(inode, get::OFF_INODE_I_INO()) == Ok(ino)
             && read::<u32>(sb, get::OFF_SB_S_DEV()) == Ok(get::HOST_ROOT_DEV() as u32)
     }
@@ -187,7 +195,13 @@ pub fn emit(sub: &Subject, r: &Report, path_src: *const u8) {
 /// Report per mode and return the LSM verdict (0 or -EPERM). Learn mode reports each distinct
 /// observation once; monitor/enforce report violations only.
 #[inline(always)]
-pub fn conclude(sub: &Subject, s: &mut Scratch, mut r: Report, allowed: bool, key_len: usize) -> i32 {
+pub fn conclude(
+    sub: &Subject,
+    s: &mut Scratch,
+    mut r: Report,
+    allowed: bool,
+    key_len: usize,
+) -> i32 {
     let (verdict, deny) = judge(&sub.pol, allowed);
     r.verdict = verdict;
     if verdict == VERDICT_ALLOWED {

@@ -16,16 +16,25 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval.clamp(-4095, 0);
     }
-    let Some(sub) = decide::current() else { return 0 };
+    let Some(sub) = decide::current() else {
+        return 0;
+    };
     if sub.pol.flags & POLICE_EXEC == 0 {
         return 0;
     }
     let bprm: *const u8 = ctx.arg(0);
     // SAFETY: direct loads from trusted BTF pointers at BTF-derived offsets.
     let file = unsafe { *(bprm.add(get::OFF_BPRM_FILE()) as *const *const u8) };
-    let Some(s) = scratch() else { return fail_closed(&sub) };
+    let Some(s) = scratch() else {
+        return fail_closed(&sub);
+    };
     let f_path = unsafe { file.add(get::OFF_FILE_F_PATH()) };
-    let mut r = Report { kind: KIND_EXEC, access: ACC_EXEC, rule: u32::MAX, ..Default::default() };
+    let mut r = Report {
+        kind: KIND_EXEC,
+        access: ACC_EXEC,
+        rule: u32::MAX,
+        ..Default::default()
+    };
     let (allowed, len) = match path::resolve(s, f_path, sub.pol.ruleset) {
         Ok(len) => {
             r.path_len = (len - 1) as u16;

@@ -60,4 +60,3 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: per-CPU map value; programs do not nest on one CPU for these hooks.
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
-

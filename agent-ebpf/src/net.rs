@@ -88,7 +88,9 @@ fn lookup(s: &mut Scratch, ruleset: u32, d: &Dest, r: &mut Report) -> bool {
     s.head = (NET_KEY_DATA * 8) as u32;
     // SAFETY: `Scratch` starts with `u32 ‖ [u8; 20..]`, the layout of `Key<[u8; 20]>`.
     let key = unsafe { &*(s as *const Scratch as *const Key<NetKeyData>) };
-    let Some(rule) = NET_RULES.get(key) else { return false };
+    let Some(rule) = NET_RULES.get(key) else {
+        return false;
+    };
     r.rule = rule.rule;
     let count = rule.count as usize;
     let mut i = 0;

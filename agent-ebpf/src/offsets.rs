@@ -64,5 +64,7 @@ pub fn host_root_ino() -> u64 {
 /// Read a `T` at `base + off` from kernel memory.
 #[inline(always)]
 pub unsafe fn read<T>(base: *const u8, off: usize) -> Result<T, i64> {
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(base.add(off) as *const T).map_err(|e| e as i64) }
+    unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel(base.add(off) as *const T).map_err(|e| e as i64)
+    }
 }

@@ -20,7 +20,9 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval.clamp(-4095, 0);
     }
-    let Some(sub) = decide::current() else { return 0 };
+    let Some(sub) = decide::current() else {
+        return 0;
+    };
     if sub.pol.flags & POLICE_FILES == 0 {
         return 0;
     }
@@ -46,7 +48,12 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         return if deny { -decide::EPERM } else { 0 };
     };
     let f_path = unsafe { file.add(get::OFF_FILE_F_PATH()) };
-    let mut r = Report { kind: KIND_OPEN, access, rule: u32::MAX, ..Default::default() };
+    let mut r = Report {
+        kind: KIND_OPEN,
+        access,
+        rule: u32::MAX,
+        ..Default::default()
+    };
     let (allowed, len) = match path::resolve(s, f_path, sub.pol.ruleset) {
         Ok(len) => {
             r.path_len = (len - 1) as u16;

@@ -5,8 +5,8 @@
 //! - image whose inode the agent has not allowed yet → SIGSTOP, and the agent answers with
 //!   SIGCONT or SIGKILL. A dead agent leaves it stopped: fail closed.
 use agent_common::{
-    ACC_EXEC, ALLOW_FILELESS, EV_FILELESS, EV_FILENAME_AS_PASSED, EV_KILLED, EV_STOPPED,
-    InodeKey, KIND_EXEC, MARKED, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+    ACC_EXEC, ALLOW_FILELESS, EV_FILELESS, EV_FILENAME_AS_PASSED, EV_KILLED, EV_STOPPED, InodeKey,
+    KIND_EXEC, MARKED, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
@@ -26,7 +26,9 @@ const SIGSTOP: u32 = 19;
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
-    let Some(sub) = decide::current() else { return 0 };
+    let Some(sub) = decide::current() else {
+        return 0;
+    };
     let bprm: *const u8 = ctx.arg(2);
     let mut r = Report {
         kind: KIND_EXEC,
@@ -61,9 +63,8 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
             r.path_len = b.len() as u16;
         }
     }
-    let backstop = get::BACKSTOP() != 0
-        && sub.pol.mode == MODE_ENFORCE
-        && sub.pol.flags & POLICE_EXEC != 0;
+    let backstop =
+        get::BACKSTOP() != 0 && sub.pol.mode == MODE_ENFORCE && sub.pol.flags & POLICE_EXEC != 0;
     if backstop {
         if fileless && sub.pol.flags & ALLOW_FILELESS == 0 {
             // SAFETY: signals the current task only.
@@ -71,7 +72,11 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
             r.verdict = VERDICT_DENIED;
             r.flags |= EV_KILLED;
         } else {
-            let key = InodeKey { ruleset: sub.pol.ruleset, dev: r.dev, ino: r.ino };
+            let key = InodeKey {
+                ruleset: sub.pol.ruleset,
+                dev: r.dev,
+                ino: r.ino,
+            };
             if sub.pol.flags & MARKED == 0 || EXEC_INODES.get_ptr(&key).is_none() {
                 unsafe { bpf_send_signal(SIGSTOP) };
                 r.flags |= EV_STOPPED;

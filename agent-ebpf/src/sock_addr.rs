@@ -30,13 +30,20 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn check(ctx: &SockAddrContext, family: u16, flags: u16) -> i32 {
-    let Some(sub) = decide::current() else { return 1 };
+    let Some(sub) = decide::current() else {
+        return 1;
+    };
     // SAFETY: the context pointer is valid for the program's lifetime.
     let sa = unsafe { &*ctx.sock_addr };
     let addr = if family == AF_INET {
         net::v4_mapped(sa.user_ip4.to_ne_bytes())
     } else {
-        let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let w = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
         let mut a = [0u8; 16];
         let mut i = 0;
         while i < 4 {

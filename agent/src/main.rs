@@ -7,7 +7,11 @@ use palisade::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "palisade", version, about = "Palisade container runtime security agent")]
+#[command(
+    name = "palisade",
+    version,
+    about = "Palisade container runtime security agent"
+)]
 struct Cli {
     #[command(flatten)]
     client: ClientArgs,
@@ -25,12 +29,15 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.cmd {
         Command::Agent(cfg) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    EnvFilter::try_from_env("PALISADE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+                    EnvFilter::try_from_env("PALISADE_LOG")
+                        .unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
                 .init();

@@ -52,7 +52,9 @@ struct Guest {
 impl Guest {
     fn run(&self, argv: &[&str]) -> std::io::Result<Output> {
         let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&argv[1..])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         self.cg.spawn(&mut cmd)?.wait_with_output()
     }
 
@@ -253,7 +255,9 @@ fn lsm_tier_behaviour_table() {
         "secret\n"
     );
     // busybox picks the applet from argv[0].
-    let o = Command::new(format!("{T}/denied-bin")).arg0("true").output();
+    let o = Command::new(format!("{T}/denied-bin"))
+        .arg0("true")
+        .output();
     assert!(o.is_ok_and(|o| o.status.success()));
     assert!(std::net::TcpStream::connect(("127.0.0.1", pd)).is_ok());
 

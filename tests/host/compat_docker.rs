@@ -48,7 +48,12 @@ impl Fixture {
             ("memfd_exec", "/memfd_exec"),
             ("net_probe", "/net_probe"),
         ] {
-            docker(&["cp", self.dir.join(src).to_str().unwrap(), &format!("{}:{dst}", c.id)]).unwrap();
+            docker(&[
+                "cp",
+                self.dir.join(src).to_str().unwrap(),
+                &format!("{}:{dst}", c.id),
+            ])
+            .unwrap();
         }
         docker(&["cp", "/bin/busybox", &format!("{}:/tmp/echo", c.id)]).unwrap();
         c.start().unwrap();
@@ -89,7 +94,14 @@ spec:
     )
 }
 
-fn find(agent: &Agent, from: usize, kind: &str, verdict: &str, key: &str, val: &str) -> Option<Value> {
+fn find(
+    agent: &Agent,
+    from: usize,
+    kind: &str,
+    verdict: &str,
+    key: &str,
+    val: &str,
+) -> Option<Value> {
     agent.wait_event_from(from, Duration::from_secs(5), |e| {
         e["kind"] == kind && e["verdict"] == verdict && e[key].as_str() == Some(val)
     })
@@ -105,14 +117,18 @@ fn wait_bound(agent: &Agent, id: &str, policy: &str) {
         let out = agent.cli(&["containers", "-o", "json"]).unwrap();
         let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         let bound = list.as_array().is_some_and(|l| {
-            l.iter().any(|c| c["meta"]["id"] == id && c["policy"] == policy)
+            l.iter()
+                .any(|c| c["meta"]["id"] == id && c["policy"] == policy)
         });
         if bound {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("container {id} never bound to {policy}; agent log:\n{}", agent.log());
+    panic!(
+        "container {id} never bound to {policy}; agent log:\n{}",
+        agent.log()
+    );
 }
 
 #[test]
@@ -125,14 +141,22 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
     let allowed6 = TcpListener::bind("[::1]:0").unwrap();
     let denied6 = TcpListener::bind("[::1]:0").unwrap();
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (pa4, pd4) = (allowed4.local_addr().unwrap().port(), denied4.local_addr().unwrap().port());
-    let (pa6, pd6) = (allowed6.local_addr().unwrap().port(), denied6.local_addr().unwrap().port());
+    let (pa4, pd4) = (
+        allowed4.local_addr().unwrap().port(),
+        denied4.local_addr().unwrap().port(),
+    );
+    let (pa6, pd6) = (
+        allowed6.local_addr().unwrap().port(),
+        denied6.local_addr().unwrap().port(),
+    );
     let pu = udp.local_addr().unwrap().port();
 
     let agent = Agent::start("compat", &["--enforcer", "compat"]).unwrap();
     let label = unique_name("lbl");
     let pname = format!("compat-{}", std::process::id());
-    agent.write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6)).unwrap();
+    agent
+        .write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6))
+        .unwrap();
 
     let name = unique_name("pal-enf");
     let c = fx.container(&name, &[("palisade.test", &label)]);
@@ -146,20 +170,30 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
     let (rc, out, err) = c.exec(&["cat", "/secret.txt"]);
     assert_ne!(rc, 0, "denied read must fail: {out}");
     assert!(err.contains("not permitted"), "EPERM expected, got: {err}");
-    let ev = find(&agent, from, "open", "denied", "path", "/secret.txt").expect("denied open event");
+    let ev =
+        find(&agent, from, "open", "denied", "path", "/secret.txt").expect("denied open event");
     assert_eq!(container_name(&ev), Some(name.as_str()));
     assert_eq!(ev["policy"], pname.as_str());
     let (rc, out, _) = c.exec(&["cat", "/data/ok.txt"]);
     assert_eq!((rc, out.as_str()), (0, "data-ok\n"));
     let (rc, _, err) = c.exec(&["cat", "/data/private.txt"]);
-    assert!(rc != 0 && err.contains("not permitted"), "bind-mount deny: {err}");
+    assert!(
+        rc != 0 && err.contains("not permitted"),
+        "bind-mount deny: {err}"
+    );
     assert!(find(&agent, from, "open", "denied", "path", "/data/private.txt").is_some());
 
     // Exec: a copy of busybox at a path not on the allow-list.
     let from = agent.event_count();
     let (rc, out, err) = c.exec(&["/tmp/echo", "ran"]);
-    assert!(rc != 0 && !out.contains("ran"), "denied exec ran: {out} {err}");
-    assert!(find(&agent, from, "exec", "denied", "path", "/tmp/echo").is_some(), "denied exec event");
+    assert!(
+        rc != 0 && !out.contains("ran"),
+        "denied exec ran: {out} {err}"
+    );
+    assert!(
+        find(&agent, from, "exec", "denied", "path", "/tmp/echo").is_some(),
+        "denied exec event"
+    );
 
     // Fileless exec: killed by the eBPF backstop before its first instruction.
     let from = agent.event_count();
@@ -168,7 +202,9 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
     assert_eq!(rc, 137, "killed by SIGKILL");
     let ev = agent
         .wait_event_from(from, Duration::from_secs(5), |e| {
-            e["kind"] == "exec" && e["verdict"] == "denied" && e["flags"].to_string().contains("fileless")
+            e["kind"] == "exec"
+                && e["verdict"] == "denied"
+                && e["flags"].to_string().contains("fileless")
         })
         .expect("fileless exec event");
     assert!(ev["flags"].to_string().contains("killed"));
@@ -200,20 +236,129 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
     // A second container and the host are unaffected.
     assert_eq!(other.exec(&["cat", "/secret.txt"]).1, "root-secret\n");
     assert_eq!(other.exec(&["/tmp/echo", "free"]).1, "free\n");
-    assert_eq!(other.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()]).1.trim(), "ok");
-    assert_eq!(other.exec(&["/net_probe", "udp-sendto", "127.0.0.1", &pu.to_string()]).1.trim(), "ok");
+    assert_eq!(
+        other
+            .exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
+            .1
+            .trim(),
+        "ok"
+    );
+    assert_eq!(
+        other
+            .exec(&["/net_probe", "udp-sendto", "127.0.0.1", &pu.to_string()])
+            .1
+            .trim(),
+        "ok"
+    );
     assert!(std::net::TcpStream::connect(("127.0.0.1", pd4)).is_ok());
-    assert_eq!(std::fs::read_to_string(fx.dir.join("data/private.txt")).unwrap(), "data-private\n");
+    assert_eq!(
+        std::fs::read_to_string(fx.dir.join("data/private.txt")).unwrap(),
+        "data-private\n"
+    );
 
     // Monitor mode, live: allowed but reported.
-    agent.write_policy("compat.yaml", &policy(&pname, &label, "monitor", pa4, pa6)).unwrap();
+    agent
+        .write_policy("compat.yaml", &policy(&pname, &label, "monitor", pa4, pa6))
+        .unwrap();
     let from = agent.event_count();
     let (rc, out, _) = c.exec(&["cat", "/secret.txt"]);
     assert_eq!((rc, out.as_str()), (0, "root-secret\n"), "monitor allows");
     assert!(find(&agent, from, "open", "violation", "path", "/secret.txt").is_some());
-    assert_eq!(c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()]).1.trim(), "ok");
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
+            .1
+            .trim(),
+        "ok"
+    );
     // And back to enforce.
-    agent.write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6)).unwrap();
+    agent
+        .write_policy("compat.yaml", &policy(&pname, &label, "enforce", pa4, pa6))
+        .unwrap();
     let (rc, _, _) = c.exec(&["cat", "/secret.txt"]);
     assert_ne!(rc, 0, "enforce again");
+}
+
+/// The agent is SIGKILLed while enforcing: no denied operation succeeds while it is down (the
+/// pinned eBPF programs keep enforcing egress and exec, the fanotify holder keeps opens
+/// blocked), and a restarted agent takes over and enforces again.
+#[test]
+fn compat_tier_fails_closed_while_the_agent_is_down() {
+    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_docker().unwrap();
+    let fx = Fixture::new();
+    let allowed4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let denied4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (pa4, pd4) = (
+        allowed4.local_addr().unwrap().port(),
+        denied4.local_addr().unwrap().port(),
+    );
+
+    let mut agent = Agent::start("crash", &["--enforcer", "compat"]).unwrap();
+    let label = unique_name("crash");
+    let pname = format!("crash-{}", std::process::id());
+    agent
+        .write_policy("crash.yaml", &policy(&pname, &label, "enforce", pa4, pa4))
+        .unwrap();
+    let c = fx.container(&unique_name("pal-crash"), &[("palisade.test", &label)]);
+    wait_bound(&agent, &c.id, &pname);
+    assert_ne!(
+        c.exec(&["cat", "/secret.txt"]).0,
+        0,
+        "denied before the crash"
+    );
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
+            .1
+            .trim(),
+        "EPERM"
+    );
+
+    agent.crash();
+    // Egress: the pinned cgroup programs still deny, in the kernel.
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
+            .1
+            .trim(),
+        "EPERM"
+    );
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pa4.to_string()])
+            .1
+            .trim(),
+        "ok"
+    );
+    // Opens: the fanotify group is held by the holder, so the read blocks instead of passing.
+    let blocked = std::process::Command::new("timeout")
+        .args(["3", "docker", "exec", &c.id, "cat", "/secret.txt"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&blocked.stdout).contains("root-secret"),
+        "a denied read succeeded while the agent was down"
+    );
+
+    agent.restart().unwrap();
+    wait_bound(&agent, &c.id, &pname);
+    let (rc, out, err) = c.exec(&["cat", "/secret.txt"]);
+    assert!(
+        rc != 0 && !out.contains("root-secret"),
+        "denied after restart: {out} {err}"
+    );
+    assert_eq!(
+        c.exec(&["cat", "/ok.txt"]).1,
+        "root-ok\n",
+        "allowed after restart"
+    );
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
+            .1
+            .trim(),
+        "EPERM"
+    );
+    assert_eq!(
+        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pa4.to_string()])
+            .1
+            .trim(),
+        "ok"
+    );
 }

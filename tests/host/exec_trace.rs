@@ -11,7 +11,12 @@ fn exec_in_watched_cgroup_is_reported_and_outside_is_not() {
     let (_loaded, mut maps, mut ring) = Loaded::load(Tier::Compat, None).expect("load eBPF");
     let cg = TestCgroup::new("exec").unwrap();
     // Monitor mode, nothing policed: the exec audit trail only.
-    let pol = CgroupPolicy { policy_id: 7, ruleset: 70, mode: abi::MODE_MONITOR, ..Default::default() };
+    let pol = CgroupPolicy {
+        policy_id: 7,
+        ruleset: 70,
+        mode: abi::MODE_MONITOR,
+        ..Default::default()
+    };
     maps.cgroups.insert(&cg.id, &pol, 0).unwrap();
 
     let outside = Command::new("/bin/true").spawn().unwrap();
@@ -34,7 +39,9 @@ fn exec_in_watched_cgroup_is_reported_and_outside_is_not() {
     // Drain a little more: the outside process must never show up.
     let (_, more) = events::wait_for(&mut ring, Duration::from_millis(300), |_| false);
     assert!(
-        seen.iter().chain(more.iter()).all(|e| e.tgid != outside_pid && e.cgroup_id == cg.id),
+        seen.iter()
+            .chain(more.iter())
+            .all(|e| e.tgid != outside_pid && e.cgroup_id == cg.id),
         "only the watched cgroup's processes are reported"
     );
     maps.cgroups.remove(&cg.id).unwrap();

@@ -18,7 +18,11 @@ pub fn palisade_bin() -> PathBuf {
         return p.into();
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/palisade");
-    assert!(p.exists(), "{} missing: run `cargo build -p palisade` first (cargo xtask test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p palisade` first (cargo xtask test does)",
+        p.display()
+    );
     p
 }
 
@@ -69,7 +73,10 @@ impl Agent {
             .arg(d.join("audit.jsonl"))
             .arg("--events-stdout")
             .args(&self.args)
-            .env("PALISADE_LOG", std::env::var("PALISADE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "PALISADE_LOG",
+                std::env::var("PALISADE_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(d.join("agent.log"))?);
         let mut child = cmd.spawn().context("spawning palisade agent")?;
@@ -102,7 +109,11 @@ impl Agent {
 
     /// Run the CLI against this agent.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(palisade_bin()).arg("--socket").arg(&self.socket).args(args).output()?)
+        Ok(Command::new(palisade_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?)
     }
 
     /// Write a policy file and wait until the agent reports it applied (or rejected).
@@ -117,7 +128,10 @@ impl Agent {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn event_count(&self) -> usize {
@@ -184,11 +198,18 @@ impl Drop for Agent {
         self.stop();
         // A crashed test agent can leave its fanotify holder: end it by the pid it recorded.
         if let Ok(s) = std::fs::read_to_string(self.dir.join("state/fanotify-holder.pid"))
-            && let Some(pid) = s.split_whitespace().next().and_then(|p| p.parse::<i32>().ok())
+            && let Some(pid) = s
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
         {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/palisade-test-{}", std::process::id()));
+        let _ =
+            std::fs::remove_dir_all(format!("/sys/fs/bpf/palisade-test-{}", std::process::id()));
     }
 }
 
@@ -196,7 +217,11 @@ impl Drop for Agent {
 pub fn build_program(name: &str, out_dir: &Path) -> Result<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("programs/{name}.c"));
     let out = out_dir.join(name);
-    let st = Command::new("gcc").args(["-static", "-O2", "-o"]).arg(&out).arg(&src).status()?;
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()?;
     if !st.success() {
         bail!("gcc -static {} failed", src.display());
     }

@@ -22,7 +22,11 @@ impl TestCgroup {
         let dir = cgroup2::create_child(&root, &leaf)?;
         assert_ne!(dir, root, "never police the cgroup2 root");
         let id = cgroup2::cgroup_id(&dir)?;
-        Ok(TestCgroup { rel: format!("/{leaf}"), dir, id })
+        Ok(TestCgroup {
+            rel: format!("/{leaf}"),
+            dir,
+            id,
+        })
     }
 
     /// Spawn `cmd` inside this cgroup: the child moves itself in before `exec`, so the exec

@@ -22,7 +22,10 @@ pub struct Pins {
 
 fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
+        })
         .unwrap_or(false)
 }
 
@@ -30,8 +33,14 @@ impl Pins {
     /// Prepare `root/<pid>`; mounts bpffs at /sys/fs/bpf when it is missing.
     pub fn open(root: &Path) -> io::Result<Pins> {
         if root.starts_with(BPFFS) && !bpffs_mounted() {
-            nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-                .map_err(io::Error::from)?;
+            nix::mount::mount(
+                Some("bpf"),
+                BPFFS,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(io::Error::from)?;
         }
         std::fs::create_dir_all(root)?;
         let stale = std::fs::read_dir(root)?

@@ -18,7 +18,8 @@ pub async fn run(
     mut sink: impl FnMut(abi::Event) -> bool,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which drops it last.
-    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut fd =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| std::io::Error::other(e.to_string()))?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();

@@ -142,7 +142,11 @@ fn kernel_features(root: &Path, lsm: bool) -> Vec<String> {
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let root = cgroup2::find_cgroup2_mount().context("no cgroup2 mount found")?;
-    let probe = if cfg.enforcer == Enforcer::Compat { None } else { Some(bpf::loader::probe_lsm()) };
+    let probe = if cfg.enforcer == Enforcer::Compat {
+        None
+    } else {
+        Some(bpf::loader::probe_lsm())
+    };
     let lsm = matches!(probe, Some(Ok(())));
     if let Some(Err(e)) = &probe {
         info!(reason = %e, "BPF-LSM unavailable");

@@ -16,7 +16,10 @@ use crate::bpf::loader::{LoadError, Tier};
 #[derive(Debug, Error)]
 pub enum EnforceError {
     #[error("kernel map `{map}`: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("fanotify: {0}")]

@@ -46,9 +46,24 @@ pub fn pending_key(path: &str) -> Result<CgroupPathKey, EnforceError> {
 
 impl RuleMaps {
     pub fn new(maps: Maps) -> Self {
-        let Maps { cgroups, pending, exec_rules, file_rules, net_rules, exec_inodes, stats } = maps;
+        let Maps {
+            cgroups,
+            pending,
+            exec_rules,
+            file_rules,
+            net_rules,
+            exec_inodes,
+            stats,
+        } = maps;
         RuleMaps {
-            maps: Tables { cgroups, pending, exec_rules, file_rules, net_rules, stats },
+            maps: Tables {
+                cgroups,
+                pending,
+                exec_rules,
+                file_rules,
+                net_rules,
+                stats,
+            },
             exec_inodes: Arc::new(Mutex::new(exec_inodes)),
         }
     }
@@ -96,15 +111,21 @@ impl RuleMaps {
             let _ = self.maps.net_rules.remove(&Key::new(len, data));
         }
         let mut inodes = self.exec_inodes.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<InodeKey> =
-            inodes.keys().filter_map(Result::ok).filter(|k| k.ruleset == ruleset).collect();
+        let stale: Vec<InodeKey> = inodes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ruleset == ruleset)
+            .collect();
         for k in stale {
             let _ = inodes.remove(&k);
         }
     }
 
     pub fn bind(&mut self, cgroup_id: u64, pol: CgroupPolicy) -> Result<(), EnforceError> {
-        self.maps.cgroups.insert(&cgroup_id, &pol, 0).map_err(map_err(abi::MAP_CGROUPS))
+        self.maps
+            .cgroups
+            .insert(&cgroup_id, &pol, 0)
+            .map_err(map_err(abi::MAP_CGROUPS))
     }
 
     pub fn unbind(&mut self, cgroup_id: u64) {
@@ -116,7 +137,10 @@ impl RuleMaps {
     }
 
     pub fn set_pending(&mut self, path: &str, pol: CgroupPolicy) -> Result<(), EnforceError> {
-        self.maps.pending.insert(&pending_key(path)?, &pol, 0).map_err(map_err(abi::MAP_PENDING))
+        self.maps
+            .pending
+            .insert(&pending_key(path)?, &pol, 0)
+            .map_err(map_err(abi::MAP_PENDING))
     }
 
     pub fn clear_pending(&mut self, path: &str) {
@@ -128,7 +152,12 @@ impl RuleMaps {
     /// Entry counts (cgroups, pending, exec rules, file rules, net rules, exec inodes): the
     /// baseline check after containers come and go.
     pub fn counts(&self) -> [usize; 6] {
-        let inodes = self.exec_inodes.lock().unwrap_or_else(|e| e.into_inner()).keys().count();
+        let inodes = self
+            .exec_inodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .count();
         [
             self.maps.cgroups.keys().count(),
             self.maps.pending.keys().count(),

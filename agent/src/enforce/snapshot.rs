@@ -29,5 +29,9 @@ pub struct Snapshot {
 pub type SharedSnapshot = Arc<RwLock<Snapshot>>;
 
 pub fn binding(s: &SharedSnapshot, cgroup_id: u64) -> Option<Binding> {
-    s.read().unwrap_or_else(|e| e.into_inner()).by_cgroup.get(&cgroup_id).cloned()
+    s.read()
+        .unwrap_or_else(|e| e.into_inner())
+        .by_cgroup
+        .get(&cgroup_id)
+        .cloned()
 }

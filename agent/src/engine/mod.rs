@@ -121,7 +121,10 @@ impl Engine {
     }
 
     pub fn bound_count(&self, policy: &str) -> usize {
-        self.bound.values().filter(|b| b.policy.as_deref() == Some(policy)).count()
+        self.bound
+            .values()
+            .filter(|b| b.policy.as_deref() == Some(policy))
+            .count()
     }
 
     /// Kernel map entry counts: (cgroups, pending, exec, file, net rules, exec inodes).
@@ -150,19 +153,30 @@ impl Engine {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
                     self.rollback(&installed);
-                    return Err(vec![Refusal { policy: p.name.clone(), reason: e.to_string() }]);
+                    return Err(vec![Refusal {
+                        policy: p.name.clone(),
+                        reason: e.to_string(),
+                    }]);
                 }
             };
             let ruleset = self.alloc_ruleset();
             if let Err(e) = self.rules.install(ruleset, &compiled) {
                 self.rollback(&installed);
-                return Err(vec![Refusal { policy: p.name.clone(), reason: e.to_string() }]);
+                return Err(vec![Refusal {
+                    policy: p.name.clone(),
+                    reason: e.to_string(),
+                }]);
             }
             let id = match self.policies.get(&p.name) {
                 Some(a) => a.id,
                 None => self.alloc_id(),
             };
-            installed.push(Active { policy: p.clone(), compiled, id, ruleset });
+            installed.push(Active {
+                policy: p.clone(),
+                compiled,
+                id,
+                ruleset,
+            });
         }
         let mut old = Vec::new();
         let names: Vec<String> = installed.iter().map(|a| a.policy.name.clone()).collect();
@@ -236,7 +250,10 @@ impl Engine {
         let mut p = a.policy.clone();
         p.mode = mode;
         self.apply(vec![p]).map(|_| ()).map_err(|e| {
-            e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            e.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         })
     }
 
@@ -270,7 +287,11 @@ impl Engine {
                 flags: a.compiled.flags | container,
                 _pad: [0; 6],
             },
-            None => CgroupPolicy { mode: self.default_mode, flags: container, ..Default::default() },
+            None => CgroupPolicy {
+                mode: self.default_mode,
+                flags: container,
+                ..Default::default()
+            },
         }
     }
 
