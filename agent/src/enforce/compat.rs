@@ -414,17 +414,16 @@ impl PolicyDecider {
     /// An ignore mark is per inode and per event type, for every container and every access
     /// mode: only cache what every bound policy allows for read and write alike.
     fn cacheable(&self, req: &Request) -> bool {
+        // Exec verdicts are never cached: the exec's own `FAN_OPEN_PERM` is recognised by the
+        // `FAN_OPEN_EXEC_PERM` just before it, which a cached exec would no longer raise (the
+        // open would then be judged as a plain open of unknown intent, i.e. a write).
+        if req.kind == fanotify::Kind::Exec {
+            return false;
+        }
         let s = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
         s.by_cgroup.values().all(|b| {
             b.mode != abi::MODE_LEARN
-                && match req.kind {
-                    fanotify::Kind::Exec => b.compiled.check_exec(&req.path).allowed,
-                    fanotify::Kind::Open => {
-                        b.compiled
-                            .check_file(&req.path, ACC_READ | ACC_WRITE)
-                            .allowed
-                    }
-                }
+                && b.compiled.check_file(&req.path, ACC_READ | ACC_WRITE).allowed
         })
     }
 }
