@@ -7,7 +7,7 @@
 //! - containers running before the agent started are discovered and policed;
 //! - removing containers gives back every piece of kernel state they held.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     process::Command,
     time::{Duration, Instant},
 };
@@ -344,15 +344,80 @@ fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
     });
 }
 
-/// Polls `status` until the per-container counters equal `want`, up to 20 s.
-fn settle(agent: &Agent, want: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Bound containers the agent lists: (ours = under `policy`, the ids of all others).
+/// Other tests on this machine may start and remove containers meanwhile; every bound cgroup
+/// counts in the global counters, so theirs are accounted for.
+fn bound_split(agent: &Agent, policy: &str) -> (usize, BTreeSet<String>) {
+    let out = agent.cli(&["containers", "-o", "json"]).unwrap();
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut ours = 0;
+    let mut others = BTreeSet::new();
+    for c in list.as_array().into_iter().flatten() {
+        if c["policy"] == policy {
+            ours += 1;
+        } else {
+            others.insert(c["meta"]["cgroup_id"].to_string());
+        }
+    }
+    (ours, others)
+}
+
+/// The baseline adjusted for other tests' containers that came or went: one map entry and one
+/// attachment each; their mount marks are not reported per container, so when the set of other
+/// containers changed, marks are left out of the comparison.
+fn expected(
+    baseline: &BTreeMap<&'static str, u64>,
+    others0: &BTreeSet<String>,
+    others1: &BTreeSet<String>,
+) -> BTreeMap<&'static str, u64> {
+    let mut want = baseline.clone();
+    for k in ["bound_cgroups", "map_cgroups", "cgroup_attachments"] {
+        let v = want[k] as i64 + others1.len() as i64 - others0.len() as i64;
+        want.insert(k, v.max(0) as u64);
+    }
+    if others0 != others1 {
+        want.remove("fanotify_marks");
+    }
+    want
+}
+
+/// Polls until the per-container counters match the (adjusted) baseline, up to 30 s:
+/// (counters, what was expected, how many of ours are still listed).
+fn settle(
+    agent: &Agent,
+    policy: &str,
+    baseline: &BTreeMap<&'static str, u64>,
+    others0: &BTreeSet<String>,
+) -> (
+    BTreeMap<&'static str, u64>,
+    BTreeMap<&'static str, u64>,
+    usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = status(agent);
-        if per_container(&s) == *want || Instant::now() > deadline {
-            return s;
+        let (ours, others1) = bound_split(agent, policy);
+        let want = expected(baseline, others0, &others1);
+        let got: BTreeMap<&'static str, u64> = per_container(&status(agent))
+            .into_iter()
+            .filter(|(k, _)| want.contains_key(k))
+            .collect();
+        // Only a reading taken while other tests' containers stood still is comparable.
+        let steady = bound_split(agent, policy).1 == others1;
+        if (steady && got == want && ours == 0) || Instant::now() > deadline {
+            return (got, want, ours);
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Removes the named containers when dropped (also when an assertion fails mid-test).
+struct RemoveOnDrop(Vec<String>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        parallel(&self.0, |n| {
+            let _ = docker_out(&["rm", "-f", n]);
+        });
     }
 }
 
@@ -369,6 +434,7 @@ fn removed_containers_release_kernel_state() {
         .unwrap();
     let base = status(&agent);
     let baseline = per_container(&base);
+    let (_, others0) = bound_split(&agent, &pname);
     let started = Instant::now();
 
     let lbl = format!("palisade.test={label}");
@@ -376,6 +442,10 @@ fn removed_containers_release_kernel_state() {
         .map(|i| unique_name(&format!("pal-churn{i}")))
         .collect();
     // Batches: create and bind a batch, check it is really policed, remove it.
+    let never: Vec<String> = (0..20)
+        .map(|i| unique_name(&format!("pal-never{i}")))
+        .collect();
+    let _cleanup = RemoveOnDrop(names.iter().chain(&never).cloned().collect());
     let mut peak = BTreeMap::new();
     for batch in names.chunks(50) {
         parallel(batch, |n| {
@@ -397,27 +467,29 @@ fn removed_containers_release_kernel_state() {
         // Each container is bound, attached and its mounts marked (its entrypoint ran, so the
         // first exec was answered and marked).
         let n = batch.len() as u64;
-        let policed = |s: &BTreeMap<String, u64>| {
-            [
-                "bound_cgroups",
-                "map_cgroups",
-                "cgroup_attachments",
-                "fanotify_marks",
-            ]
-            .iter()
-            .all(|k| s[*k] >= baseline[k] + n)
+        // Ours all listed under the policy, with kernel entries, attachments and marks; the
+        // allowed entrypoint image of each recorded (only this policy polices exec, and each
+        // container's root is its own device). Other tests' containers (under the node
+        // default) may come and go meanwhile, so only lower bounds hold for the shared counters.
+        let policed = |s: &BTreeMap<String, u64>, ours: usize| {
+            ours == batch.len()
+                && s["map_cgroups"] >= n
+                && s["cgroup_attachments"] >= n
+                && s["fanotify_marks"] >= n
+                && s["map_exec_inodes"] >= baseline["map_exec_inodes"] + n
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        let s = loop {
+        let (s, ours) = loop {
+            let (ours, _) = bound_split(&agent, &pname);
             let s = status(&agent);
-            if policed(&s) || Instant::now() > deadline {
-                break s;
+            if policed(&s, ours) || Instant::now() > deadline {
+                break (s, ours);
             }
             std::thread::sleep(Duration::from_millis(200));
         };
         assert!(
-            policed(&s),
-            "batch not fully policed: {s:?} (baseline {baseline:?})"
+            policed(&s, ours),
+            "batch not fully policed: {ours} of {n} bound; {s:?} (baseline {baseline:?})"
         );
         peak = s;
         parallel(batch, |n| {
@@ -425,9 +497,6 @@ fn removed_containers_release_kernel_state() {
         });
     }
     // Containers created but never started: their pending bindings must go with them.
-    let never: Vec<String> = (0..20)
-        .map(|i| unique_name(&format!("pal-never{i}")))
-        .collect();
     parallel(&never, |n| {
         docker(&[
             "create",
@@ -456,16 +525,17 @@ fn removed_containers_release_kernel_state() {
         docker(&["rm", "-f", n]).unwrap_or_else(|e| panic!("{e}"));
     });
 
-    let end = settle(&agent, &baseline);
+    let (got, want, ours) = settle(&agent, &pname, &baseline, &others0);
     eprintln!(
-        "churn: {CHURN} containers + {} never started in {:?}; baseline {base:?}; last batch {peak:?}; after {end:?}",
+        "churn: {CHURN} containers + {} never started in {:?}; baseline {base:?}; last batch {peak:?}; after {got:?}",
         never.len(),
         started.elapsed()
     );
+    assert_eq!(ours, 0, "containers of ours still bound");
     assert_eq!(
-        per_container(&end),
-        baseline,
-        "kernel state leaked; agent log tail:\n{}",
+        got,
+        want,
+        "kernel state leaked (expected: baseline adjusted for other tests' containers); agent log tail:\n{}",
         tail(&agent.log())
     );
     assert!(
@@ -478,4 +548,80 @@ fn removed_containers_release_kernel_state() {
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// cgroup-v1 hierarchies (hybrid hosts): their directories' kernfs ids are allocated in the
+/// same number range as cgroup-v2 ids, so a v1 rmdir must not touch a v2 binding.
+fn v1_hierarchies() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.join("cgroup.controllers").exists())
+        .collect()
+}
+
+/// Makes and removes v1 cgroups until one gets kernfs id `target`, whose rmdir then runs the
+/// `cgroup_rmdir` hook with that id. Returns whether the id was hit.
+fn rmdir_v1_with_id(target: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    for h in v1_hierarchies() {
+        let probe = h.join(format!("palisade-idenf-{}", std::process::id()));
+        for _ in 0..200_000 {
+            if std::fs::create_dir(&probe).is_err() {
+                break;
+            }
+            let ino = std::fs::metadata(&probe)
+                .map(|m| m.ino())
+                .unwrap_or(u64::MAX);
+            let _ = std::fs::remove_dir(&probe);
+            if ino == target {
+                return true;
+            }
+            if ino > target {
+                break;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+#[ignore = "fails until agent-ebpf cgroup_rmdir keeps only the v2 hierarchy (hierarchy_id 0), as cgroup_mkdir does"]
+fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
+    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_docker().unwrap();
+    if v1_hierarchies().is_empty() {
+        eprintln!("no cgroup-v1 hierarchy on this host: nothing to collide with");
+        return;
+    }
+    let agent = Agent::start("idenf-v1", &["--enforcer", "compat"]).unwrap();
+    let label = unique_name("v1");
+    let pname = format!("idenf-v1-{}", std::process::id());
+    let body = "  network:\n    egress: []\n";
+    agent
+        .write_policy("v1.yaml", &policy(&pname, &label, "enforce", body))
+        .unwrap();
+    let lbl = format!("palisade.test={label}");
+    let c = Container::with_args(
+        &["run", "-d"],
+        &unique_name("pal-v1"),
+        &["--network", "none", "--label", &lbl],
+        &["sleep", "600"],
+    )
+    .unwrap();
+    wait_bound(&agent, &c.id, &pname);
+    let (_, _, err) = c.exec(&["nc", "127.0.0.1", "1"]);
+    assert!(err.contains("not permitted"), "egress denied before: {err}");
+    let root = palisade::containers::cgroup2::find_cgroup2_mount().unwrap();
+    let dir = palisade::containers::cgroup2::absolute_path(&root, &c.cgroup_path().unwrap());
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap());
+    assert!(rmdir_v1_with_id(id), "no v1 hierarchy reached id {id}");
+    let (_, _, err) = c.exec(&["nc", "127.0.0.1", "1"]);
+    assert!(
+        err.contains("not permitted"),
+        "the container lost its kernel binding when a v1 cgroup with its id was removed: {err}; status {:?}",
+        status(&agent)
+    );
 }
