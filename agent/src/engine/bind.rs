@@ -42,6 +42,8 @@ impl Engine {
             if let Err(e) = self.backend.on_bind(meta.cgroup_id, &dir) {
                 warn!(cgroup = %meta.cgroup_path, error = %e, "attaching enforcement failed");
             }
+            // Binding may have made the backend ready (a running container's mounts marked).
+            self.flip(meta.cgroup_id);
             info!(
                 container = %meta.name.as_deref().unwrap_or(&meta.id),
                 cgroup = %meta.cgroup_path,
@@ -155,6 +157,7 @@ impl Engine {
         if let Err(e) = self.backend.on_bind(cgroup_id, &dir) {
             warn!(cgroup = %path, error = %e, "attaching enforcement failed");
         }
+        self.flip(cgroup_id);
     }
 
     /// Metadata of a bound cgroup (for events the inventory cannot enrich yet).
