@@ -66,7 +66,7 @@ pub struct ContainerInfo {
     pub meta: ContainerMeta,
     pub policy: Option<String>,
     pub mode: Option<Mode>,
-    /// Enforcement tier serving it: `lsm` or `fanotify`.
+    /// Enforcement tier serving it: `lsm` or `compat`.
     pub tier: String,
 }
 

@@ -40,7 +40,7 @@ pub fn other_agent_running() -> bool {
 /// both police every container).
 pub fn lock() -> MutexGuard<'static, ()> {
     let guard = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(1800);
     while other_agent_running() {
         assert!(
             Instant::now() < deadline,
