@@ -313,20 +313,54 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
         "EPERM"
     );
 
+    // Probes started before the crash, released after it: an exec while the agent is down
+    // would block on the fanotify group (that is the point), so they wait for a file that
+    // `docker cp` creates from the host side.
+    let probe = |port: u16| {
+        let mut child = std::process::Command::new("docker")
+            .args([
+                "exec",
+                &c.id,
+                "/net_probe",
+                "tcp",
+                "127.0.0.1",
+                &port.to_string(),
+                "/go",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "waiting");
+        (child, out)
+    };
+    let (mut denied_probe, mut denied_out) = probe(pd4);
+    let (mut allowed_probe, mut allowed_out) = probe(pa4);
+
     agent.crash();
-    // Egress: the pinned cgroup programs still deny, in the kernel.
+    let go = fx.dir.join("go");
+    std::fs::write(&go, "").unwrap();
+    docker(&["cp", go.to_str().unwrap(), &format!("{}:/go", c.id)]).unwrap();
+    let result = |out: &mut std::io::BufReader<std::process::ChildStdout>| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(out, &mut line).unwrap();
+        line.trim().to_string()
+    };
+    // Egress: the pinned cgroup programs still decide, in the kernel.
     assert_eq!(
-        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pd4.to_string()])
-            .1
-            .trim(),
-        "EPERM"
+        result(&mut denied_out),
+        "EPERM",
+        "denied connect while the agent is down"
     );
     assert_eq!(
-        c.exec(&["/net_probe", "tcp", "127.0.0.1", &pa4.to_string()])
-            .1
-            .trim(),
-        "ok"
+        result(&mut allowed_out),
+        "ok",
+        "allowed connect while the agent is down"
     );
+    let _ = denied_probe.wait();
+    let _ = allowed_probe.wait();
     // Opens: the fanotify group is held by the holder, so the read blocks instead of passing.
     let blocked = std::process::Command::new("timeout")
         .args(["3", "docker", "exec", &c.id, "cat", "/secret.txt"])

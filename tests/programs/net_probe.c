@@ -1,15 +1,23 @@
-/* Egress probe for tests: net_probe tcp|udp-sendto|udp-connect ADDR PORT
- * Prints "ok" or the errno name and exits with 0 or the errno. */
+/* Egress probe for tests: net_probe tcp|udp-sendto|udp-connect ADDR PORT [WAIT_FOR_PATH]
+ * Prints "ok" or the errno name and exits with 0 or the errno. With WAIT_FOR_PATH it first
+ * polls (stat only: no open, no exec) until that path exists, for up to 60 s. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 int main(int argc, char **argv) {
-    if (argc != 4) return 2;
+    if (argc != 4 && argc != 5) return 2;
+    if (argc == 5) {
+        struct stat st;
+        printf("waiting\n");
+        fflush(stdout);
+        for (int i = 0; i < 1200 && stat(argv[4], &st) != 0; i++) usleep(50000);
+    }
     struct sockaddr_storage ss; memset(&ss, 0, sizeof ss);
     socklen_t len;
     int family;
