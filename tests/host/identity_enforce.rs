@@ -562,6 +562,28 @@ fn v1_hierarchies() -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Id the next directory made under `dir` gets (kernfs ids are allocated cyclically per
+/// hierarchy, so making and removing directories moves the cursor on).
+fn next_id(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let probe = dir.join(format!("palisade-idenf-{}", std::process::id()));
+    std::fs::create_dir(&probe).unwrap();
+    let ino = std::fs::metadata(&probe).unwrap().ino();
+    std::fs::remove_dir(&probe).unwrap();
+    ino
+}
+
+/// Moves the v2 id cursor past every v1 hierarchy's, so the next container's v2 cgroup gets an
+/// id the v1 hierarchies have yet to hand out.
+fn advance_v2_ids(v2_root: &std::path::Path) {
+    let v1_max = v1_hierarchies()
+        .iter()
+        .map(|h| next_id(h))
+        .max()
+        .unwrap_or(0);
+    while next_id(v2_root) < v1_max + 500 {}
+}
+
 /// Makes and removes v1 cgroups until one gets kernfs id `target`, whose rmdir then runs the
 /// `cgroup_rmdir` hook with that id. Returns whether the id was hit.
 fn rmdir_v1_with_id(target: u64) -> bool {
@@ -587,8 +609,11 @@ fn rmdir_v1_with_id(target: u64) -> bool {
     false
 }
 
+/// Reproduced the `cgroup_rmdir` v1/v2 id collision once (egress allowed after the rmdir);
+/// fixed in agent-ebpf since. Hitting the exact id is not deterministic (a v1 directory takes
+/// one kernfs id per control file too, so the cursor moves in steps of ~20), hence ignored.
 #[test]
-#[ignore = "fails until agent-ebpf cgroup_rmdir keeps only the v2 hierarchy (hierarchy_id 0), as cgroup_mkdir does"]
+#[ignore = "needs an exact kernfs id collision, which is probabilistic; run with --ignored"]
 fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
     let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     ensure_docker().unwrap();
@@ -603,6 +628,8 @@ fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
     agent
         .write_policy("v1.yaml", &policy(&pname, &label, "enforce", body))
         .unwrap();
+    let root = palisade::containers::cgroup2::find_cgroup2_mount().unwrap();
+    advance_v2_ids(&root);
     let lbl = format!("palisade.test={label}");
     let c = Container::with_args(
         &["run", "-d"],
@@ -614,7 +641,6 @@ fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
     wait_bound(&agent, &c.id, &pname);
     let (_, _, err) = c.exec(&["nc", "127.0.0.1", "1"]);
     assert!(err.contains("not permitted"), "egress denied before: {err}");
-    let root = palisade::containers::cgroup2::find_cgroup2_mount().unwrap();
     let dir = palisade::containers::cgroup2::absolute_path(&root, &c.cgroup_path().unwrap());
     let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap());
     assert!(rmdir_v1_with_id(id), "no v1 hierarchy reached id {id}");
