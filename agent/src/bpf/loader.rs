@@ -204,45 +204,31 @@ impl Loaded {
         let mut global: Vec<PinnedLink> = Vec::new();
         let mut ebpf = open_object(tier == Tier::Compat)?;
         let btf = Btf::from_sys_fs()?;
+        let err = |name| move |source| LoadError::Program { name, source };
+        // Load and attach one BTF-typed program (LSM hook or tp_btf), pinning its link.
+        macro_rules! attach_global {
+            ($ty:ty, $name:expr, $hook:expr) => {{
+                let p: &mut $ty = program(&mut ebpf, $name)?;
+                p.load($hook, &btf).map_err(err($name))?;
+                let id = p.attach().map_err(err($name))?;
+                if let Some(pins) = &pins {
+                    let link = p.take_link(id).map_err(err($name))?;
+                    global.push(pins.pin($name, link.into()).map_err(LoadError::Pin)?);
+                }
+            }};
+        }
         if tier == Tier::Lsm {
             for &(name, hook) in LSM_PROGRAMS {
-                let p: &mut Lsm = program(&mut ebpf, name)?;
-                p.load(hook, &btf)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                let id = p
-                    .attach()
-                    .map_err(|source| LoadError::Program { name, source })?;
-                if let Some(pins) = &pins {
-                    let link = p
-                        .take_link(id)
-                        .map_err(|source| LoadError::Program { name, source })?;
-                    global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
-                }
+                attach_global!(Lsm, name, hook);
             }
         } else {
             for &name in SOCK_ADDR_PROGRAMS {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                p.load()
-                    .map_err(|source| LoadError::Program { name, source })?;
+                p.load().map_err(err(name))?;
             }
         }
-        for &(name, tp) in &[
-            ("sched_process_exec", "sched_process_exec"),
-            ("cgroup_mkdir", "cgroup_mkdir"),
-            ("cgroup_rmdir", "cgroup_rmdir"),
-        ] {
-            let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
-            p.load(tp, &btf)
-                .map_err(|source| LoadError::Program { name, source })?;
-            let id = p
-                .attach()
-                .map_err(|source| LoadError::Program { name, source })?;
-            if let Some(pins) = &pins {
-                let link = p
-                    .take_link(id)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                global.push(pins.pin(name, link.into()).map_err(LoadError::Pin)?);
-            }
+        for name in ["sched_process_exec", "cgroup_mkdir", "cgroup_rmdir"] {
+            attach_global!(BtfTracePoint, name, name);
         }
         let maps = Maps {
             cgroups: take(&mut ebpf, abi::MAP_CGROUPS)?,

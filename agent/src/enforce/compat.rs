@@ -423,7 +423,9 @@ impl PolicyDecider {
         let s = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
         s.by_cgroup.values().all(|b| {
             b.mode != abi::MODE_LEARN
-                && b.compiled.check_file(&req.path, ACC_READ | ACC_WRITE).allowed
+                && b.compiled
+                    .check_file(&req.path, ACC_READ | ACC_WRITE)
+                    .allowed
         })
     }
 }
