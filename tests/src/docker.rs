@@ -151,12 +151,20 @@ impl Container {
         all.push(IMAGE);
         all.extend(cmd);
         let id = docker(&all)?;
-        Ok(Self { id, name: name.to_owned(), removed: false })
+        Ok(Self {
+            id,
+            name: name.to_owned(),
+            removed: false,
+        })
     }
 
     /// `docker exec <id> <cmd...>`: (exit code, stdout, stderr).
     pub fn exec(&self, cmd: &[&str]) -> (i32, String, String) {
-        let out = Command::new("docker").arg("exec").arg(&self.id).args(cmd).output();
+        let out = Command::new("docker")
+            .arg("exec")
+            .arg(&self.id)
+            .args(cmd)
+            .output();
         match out {
             Ok(o) => (
                 o.status.code().unwrap_or(-1),

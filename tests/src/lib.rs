@@ -1,5 +1,5 @@
 //! Shared helpers for Palisade's integration tests (root, real kernel, real containers).
 pub mod agent;
 pub mod cgroup;
-pub mod events;
 pub mod docker;
+pub mod events;
