@@ -45,6 +45,8 @@ fn main() -> anyhow::Result<()> {
 /// also under `AYA_BUILD_SKIP=1`.
 fn compile_protos() -> anyhow::Result<()> {
     let proto_root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../proto");
+    // Without this, the `rerun-if-env-changed` above makes cargo ignore edits to the protos.
+    println!("cargo::rerun-if-changed={}", proto_root.display());
     let files: Vec<PathBuf> = ["events", "policies", "containers", "agent"]
         .iter()
         .map(|f| proto_root.join(format!("palisade/v1/{f}.proto")))
