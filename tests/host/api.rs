@@ -16,6 +16,7 @@ use palisade::api::{ContainerInfo, Control, PolicyErrorInfo, PolicyInfo, StatusI
 use palisade::containers::meta::{ContainerMeta, PodMeta, Runtime};
 use palisade::events::bus::EventBus;
 use palisade::events::model::{Event, Kind, Mode, Source, Verdict, mode_from_abi};
+use palisade::learn::{CheckReport, LearnError, LearnHandle, ProfileSummary};
 use tokio::sync::oneshot;
 
 /// In-memory daemon: real policy parsing, policies in a map, a fixed container list.
@@ -94,6 +95,21 @@ impl Control for MemControl {
                 self.policies.lock().unwrap().len() as u64,
             )]),
         }
+    }
+    // Learning is tested against the real daemon (host_learn_e2e); nothing is learned here.
+    async fn learn_status(&self) -> Vec<ProfileSummary> {
+        Vec::new()
+    }
+    async fn learn_export(
+        &self,
+        policy: String,
+        _image: Option<String>,
+        _mode: palisade::policy::Mode,
+    ) -> Result<String, LearnError> {
+        Err(LearnError::NoPolicy(policy))
+    }
+    async fn learn_check(&self, yaml: String, source: String) -> Result<CheckReport, LearnError> {
+        LearnHandle::default().check_text(&yaml, &source)
     }
 }
 

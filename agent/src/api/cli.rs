@@ -1,4 +1,4 @@
-//! The `palisade` client subcommands: events, policy, containers, status.
+//! The `palisade` client subcommands: events, policy, containers, status, learn.
 //!
 //! Embed in the binary's parser:
 //! ```ignore
@@ -67,6 +67,9 @@ pub enum ClientCommand {
     Containers { id: Option<String> },
     /// Agent version, tier, kernel features and counters.
     Status,
+    /// Learning mode: what was learned, export it as a policy, replay candidates.
+    #[command(subcommand)]
+    Learn(super::learn::LearnCommand),
 }
 
 #[derive(Args, Clone, Debug, Default)]
@@ -158,6 +161,7 @@ pub async fn run_cli_io(
             print(out, json, &s, || output::status(&s))?;
             Ok(0)
         }
+        ClientCommand::Learn(l) => super::learn::run(&mut client, l, json, out).await,
     };
     match res {
         Ok(code) => Ok(code),

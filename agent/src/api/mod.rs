@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 
 use crate::containers::meta::ContainerMeta;
 use crate::events::model::Mode;
+use crate::learn::{CheckReport, LearnError, ProfileSummary};
 
 pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod convert;
+pub mod learn;
 pub mod metrics;
 mod output;
 pub mod server;
@@ -93,4 +95,20 @@ pub trait Control: Send + Sync + 'static {
     async fn set_mode(&self, name: String, mode: Mode) -> Result<(), String>;
     async fn list_containers(&self) -> Vec<ContainerInfo>;
     async fn status(&self) -> StatusInfo;
+    /// One summary per learned workload.
+    async fn learn_status(&self) -> Vec<ProfileSummary>;
+    /// What was learned under the applied policy `policy` (one image or all), as a policy in
+    /// `mode` (YAML). `NoPolicy`/`NoProfile` when there is nothing to export.
+    async fn learn_export(
+        &self,
+        policy: String,
+        image: Option<String>,
+        mode: crate::policy::Mode,
+    ) -> Result<String, LearnError>;
+    /// Replay every recording against the candidate policies in `yaml`; changes nothing.
+    async fn learn_check(
+        &self,
+        yaml: String,
+        source_name: String,
+    ) -> Result<CheckReport, LearnError>;
 }

@@ -19,7 +19,7 @@ use super::audit::{AuditLog, Outcome};
 use super::auth::{Caller, Role, RoleMap, caller_of};
 use super::convert;
 use super::pb::{self, palisade_server::PalisadeServer};
-use super::{Control, DEFAULT_SOCKET};
+use super::{Control, DEFAULT_SOCKET, learn};
 use crate::events::bus::{EventBus, Subscription};
 
 /// Where and how to serve.
@@ -420,6 +420,52 @@ impl pb::palisade_server::Palisade for PalisadeService {
                 .or_insert(*n);
         }
         Ok(Response::new(convert::status_to_pb(status)))
+    }
+
+    async fn learn_status(
+        &self,
+        req: Request<pb::LearnStatusRequest>,
+    ) -> Result<Response<pb::LearnStatusResponse>, Status> {
+        self.viewer(&req)?;
+        let profiles = self.control.learn_status().await;
+        Ok(Response::new(pb::LearnStatusResponse {
+            profiles: profiles.into_iter().map(learn::profile_to_pb).collect(),
+        }))
+    }
+
+    /// Read-only (it returns text and changes nothing): viewer, not audited.
+    async fn learn_export(
+        &self,
+        req: Request<pb::LearnExportRequest>,
+    ) -> Result<Response<pb::LearnExportResponse>, Status> {
+        self.viewer(&req)?;
+        let r = req.into_inner();
+        let mode = learn::export_mode_from_pb(r.mode).map_err(invalid)?;
+        let yaml = self
+            .control
+            .learn_export(r.policy, r.image, mode)
+            .await
+            .map_err(learn::status_of)?;
+        Ok(Response::new(pb::LearnExportResponse { yaml }))
+    }
+
+    async fn learn_check(
+        &self,
+        req: Request<pb::LearnCheckRequest>,
+    ) -> Result<Response<pb::LearnCheckResponse>, Status> {
+        self.viewer(&req)?;
+        let r = req.into_inner();
+        let source = if r.source_name.is_empty() {
+            "candidate.yaml".to_string()
+        } else {
+            r.source_name
+        };
+        let report = self
+            .control
+            .learn_check(r.yaml, source)
+            .await
+            .map_err(learn::status_of)?;
+        Ok(Response::new(learn::report_to_pb(report)))
     }
 
     async fn apply_policy(

@@ -15,6 +15,7 @@ use crate::{
         bus::EventBus,
         model::{Event, Kind, Mode as EvMode, Verdict},
     },
+    learn::{CheckReport, LearnError, LearnHandle, ProfileSummary},
     policy::{self, Mode},
 };
 
@@ -23,6 +24,7 @@ pub struct DaemonControl {
     pub inventory: Option<Inventory>,
     pub bus: EventBus,
     pub kernel_features: Vec<String>,
+    pub learn: LearnHandle,
 }
 
 fn ev_mode(m: Mode) -> EvMode {
@@ -230,5 +232,34 @@ impl Control for DaemonControl {
             kernel_features: self.kernel_features.clone(),
             counters,
         }
+    }
+
+    async fn learn_status(&self) -> Vec<ProfileSummary> {
+        self.learn.status()
+    }
+
+    async fn learn_export(
+        &self,
+        policy: String,
+        image: Option<String>,
+        mode: Mode,
+    ) -> Result<String, LearnError> {
+        // The applied policy is the base: its selector and rules are kept in the export.
+        let base = self
+            .engine()
+            .policy(&policy)
+            .map(|a| a.policy.clone())
+            .ok_or(LearnError::NoPolicy(policy))?;
+        self.learn
+            .export(&base, image.as_deref(), mode)
+            .map(|e| e.yaml)
+    }
+
+    async fn learn_check(
+        &self,
+        yaml: String,
+        source_name: String,
+    ) -> Result<CheckReport, LearnError> {
+        self.learn.check_text(&yaml, &source_name)
     }
 }

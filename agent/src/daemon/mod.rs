@@ -35,6 +35,7 @@ use crate::{
         bus::EventBus,
         model::{self as ev, Event, Kind, Source, Verdict},
     },
+    learn::{self, GenConfig, LearnHandle, Learner, Limits},
     policy::{Mode, Policy},
 };
 
@@ -205,11 +206,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let (inv, h) = Discovery::start(root.clone(), docker, cri);
         (Some(inv), Some(h))
     };
+    let learn_dir = cfg.state_dir.join("learn");
+    let learner = Learner::load(&learn_dir, Limits::default(), GenConfig::default())
+        .with_context(|| format!("loading learned profiles from {}", learn_dir.display()))?;
+    let learn = LearnHandle::new(learner);
     let ctl = Arc::new(control::DaemonControl {
         engine: engine.clone(),
         inventory: inventory.clone(),
         bus: bus.clone(),
         kernel_features: features,
+        learn: learn.clone(),
     });
 
     // Policies first, then containers, so nothing starts under the default by mistake.
@@ -243,6 +249,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
 
+    tasks.spawn(learn::run(
+        learn.clone(),
+        bus.clone(),
+        learn_dir.clone(),
+        std::time::Duration::from_secs(5),
+    ));
     tasks.spawn(kernel_events(
         ring,
         engine.clone(),
@@ -315,6 +327,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     tasks.abort_all();
+    // The learn task was aborted mid-interval: save what it has not saved yet.
+    let saved = learn.with(|l| {
+        if l.dirty() {
+            l.save(&learn_dir)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = saved {
+        warn!(error = %e, "saving learned profiles");
+    }
     if let Some(h) = discovery {
         h.abort();
     }

@@ -6,7 +6,7 @@ use super::store::{Observation, Profile, Seen, Store, WorkloadKey};
 use crate::policy::{self, CompiledPolicy, Policy};
 
 /// One recorded observation the candidate would deny.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Denial {
     pub workload: WorkloadKey,
     /// Name of the candidate policy that denies it.
@@ -17,7 +17,7 @@ pub struct Denial {
 }
 
 /// The outcome of a replay.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CheckReport {
     /// In workload order, then observation order.
     pub denials: Vec<Denial>,

@@ -24,7 +24,9 @@ mod tests;
 pub use check::{CheckReport, Denial};
 pub use export::{Exported, time};
 pub use generalize::{Cover, GenConfig, Generalized, NetRule, PathRule, generalize, shape};
-pub use store::{Limits, Observation, Profile, STORE_FILE, Seen, Store, WorkloadKey};
+pub use store::{
+    Limits, Observation, Profile, STORE_FILE, Seen, Store, WorkloadKey, access_name, proto_name,
+};
 pub use task::{LearnHandle, render_check, render_status, run};
 
 use std::path::Path;
@@ -42,12 +44,14 @@ pub enum LearnError {
     Version(u32),
     #[error("nothing learned for policy {0:?}{1}")]
     NoProfile(String, String),
+    #[error("no policy named {0:?}")]
+    NoPolicy(String),
     #[error("policy: {0}")]
     Policy(String),
 }
 
 /// Summary of one profile.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProfileSummary {
     pub key: WorkloadKey,
     pub containers: Vec<String>,
