@@ -255,6 +255,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         learn_dir.clone(),
         std::time::Duration::from_secs(5),
     ));
+    // Policies and running containers are bound: userspace deciders may answer now (events
+    // that arrived meanwhile, e.g. queued in an adopted fanotify group, waited).
+    engine
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .activate()
+        .context("starting the enforcement backend")?;
     tasks.spawn(kernel_events(
         ring,
         engine.clone(),

@@ -30,6 +30,10 @@ pub struct CompatBackend {
     loaded: Loaded,
     group: Option<Group>,
     _thread: Option<DecisionThread>,
+    /// Started by [`Backend::activate`], once the engine has bound what already runs: until
+    /// then fanotify events wait in the group (a restarted agent must not answer them from an
+    /// empty policy view).
+    decider: Option<Arc<PolicyDecider>>,
     marks: HashMap<u64, MarkSet>,
     cgroup_dirs: HashMap<u64, PathBuf>,
     snapshot: SharedSnapshot,
@@ -47,7 +51,7 @@ impl CompatBackend {
         report: Reporter,
     ) -> Result<Self, EnforceError> {
         let exec_inodes = AllowedInodes::new(exec_inodes);
-        let (group, thread) = match state_dir {
+        let (group, decider) = match state_dir {
             Some(dir) => {
                 let group = Group::open_or_adopt(dir)?;
                 let decider = Arc::new(PolicyDecider {
@@ -56,15 +60,15 @@ impl CompatBackend {
                     report: report.clone(),
                     learned: Mutex::new(HashSet::new()),
                 });
-                let thread = group.spawn_decider(decider)?;
-                (Some(group), Some(thread))
+                (Some(group), Some(decider))
             }
             None => (None, None),
         };
         Ok(CompatBackend {
             loaded,
             group,
-            _thread: thread,
+            _thread: None,
+            decider,
             marks: HashMap::new(),
             cgroup_dirs: HashMap::new(),
             snapshot,
@@ -303,6 +307,14 @@ impl Backend for CompatBackend {
         self.marks.values().map(|m| m.mounts.len()).sum()
     }
 
+    fn activate(&mut self) -> Result<(), EnforceError> {
+        if let (Some(g), Some(d)) = (&self.group, self.decider.take()) {
+            g.flush_cache()?;
+            self._thread = Some(g.spawn_decider(d)?);
+        }
+        Ok(())
+    }
+
     fn ready(&self, cgroup_id: u64) -> bool {
         self.group.is_none() || self.marks.contains_key(&cgroup_id)
     }
@@ -337,8 +349,12 @@ struct PolicyDecider {
 impl Decider for PolicyDecider {
     fn decide(&self, req: &Request) -> Verdict {
         let Some(b) = snapshot::binding(&self.snapshot, req.cgroup_id) else {
-            // Not a policed process (e.g. the host touching a container's files).
-            return Verdict::ALLOW;
+            // Not a policed process (e.g. the host touching a container's files). Never cached:
+            // an ignore mark would also let the inode's policed readers through.
+            return Verdict {
+                allow: true,
+                cache: false,
+            };
         };
         let (access, d) = match req.kind {
             fanotify::Kind::Exec => (ACC_EXEC, b.compiled.check_exec(&req.path)),

@@ -45,6 +45,10 @@ pub trait Backend: Send {
     }
     /// A kernel exec event; the backend may act on it (tier 2 answers stopped execs) and may
     /// return an event of its own to publish.
+    /// Start userspace deciders: called once the engine has bound what already runs.
+    fn activate(&mut self) -> Result<(), EnforceError> {
+        Ok(())
+    }
     /// Whether per-cgroup userspace enforcement (tier-2 fanotify marks) is in place.
     fn ready(&self, _cgroup_id: u64) -> bool {
         true

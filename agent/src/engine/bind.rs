@@ -29,6 +29,10 @@ impl Engine {
         let dir = cgroup2::absolute_path(&self.cgroup_root, &meta.cgroup_path);
         let fresh = !self.bound.contains_key(&meta.cgroup_id);
         let policy = self.policy_for(meta).map(|a| a.policy.name.clone());
+        let changed = self
+            .bound
+            .get(&meta.cgroup_id)
+            .is_some_and(|b| b.policy != policy);
         self.bound.insert(
             meta.cgroup_id,
             Bound {
@@ -38,6 +42,10 @@ impl Engine {
             },
         );
         self.flip(meta.cgroup_id);
+        if changed {
+            // Cached verdicts (ignore marks) were decided under the old policy.
+            self.backend.on_rules_changed();
+        }
         if fresh {
             if let Err(e) = self.backend.on_bind(meta.cgroup_id, &dir) {
                 warn!(cgroup = %meta.cgroup_path, error = %e, "attaching enforcement failed");

@@ -94,6 +94,11 @@ impl Engine {
         }
     }
 
+    /// Start the backend's userspace deciders, once policies and running containers are bound.
+    pub fn activate(&mut self) -> Result<(), crate::enforce::EnforceError> {
+        self.backend.activate()
+    }
+
     /// Clean shutdown: every cgroup unbound, backend released. Dropping the engine then
     /// detaches the programs.
     pub fn shutdown(&mut self) {
