@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bound_containers: Gauge,
     /// Fill ratio (0..1) of each kernel map, by map name.
     pub map_fill: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Always 1, labelled with the agent version and the enforcement tier in use.
+    pub info: Family<Labels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -61,8 +63,15 @@ impl Metrics {
             "Fill ratio of kernel maps",
             map_fill.clone(),
         );
+        let info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "agent_info",
+            "Agent version and enforcement tier",
+            info.clone(),
+        );
         registry.register_collector(Box::new(BusCollector(bus)));
         Arc::new(Metrics {
+            info,
             registry,
             policies,
             containers,
@@ -70,6 +79,15 @@ impl Metrics {
             map_fill,
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// Record the version and tier (`palisade_agent_info{version,tier} 1`).
+    pub fn set_info(&self, version: &str, tier: &str) {
+        let labels = vec![
+            ("version".to_string(), version.to_string()),
+            ("tier".to_string(), tier.to_string()),
+        ];
+        self.info.get_or_create(&labels).set(1);
     }
 
     /// `/readyz` answers 200 once the daemon says so (policies loaded, hooks attached).

@@ -281,6 +281,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
     let metrics = Metrics::new(bus.clone());
+    metrics.set_info(env!("CARGO_PKG_VERSION"), &tier.to_string());
     tasks.spawn(control::refresh_gauges(
         ctl.clone(),
         metrics.clone(),
