@@ -152,8 +152,11 @@ fn host_integration() -> StepResult {
     if targets.is_empty() {
         return Ok((Counts::default(), "no host test targets yet".into()));
     }
+    // The end-to-end tests run the real agent binary (with the real eBPF object).
+    let palisade = cargo::build_palisade(false)?;
     let mut cmd = cargo();
-    cmd.args(["test", "-p", TESTS_PACKAGE]);
+    cmd.env("PALISADE_BIN", &palisade);
+    cmd.args(["test", "-p", TESTS_PACKAGE, "--no-fail-fast"]);
     for t in &targets {
         cmd.args(["--test", t]);
     }
