@@ -6,7 +6,8 @@
 //!   SIGCONT or SIGKILL. A dead agent leaves it stopped: fail closed.
 use agent_common::{
     ACC_EXEC, ALLOW_FILELESS, EV_FILELESS, EV_FILENAME_AS_PASSED, EV_KILLED, EV_STOPPED, InodeKey,
-    KIND_EXEC, MARKED, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+    KIND_EXEC, MARKED, MODE_ENFORCE, PATH_MAX, POLICE_EXEC, POLICE_FILES, VERDICT_ALLOWED,
+    VERDICT_DENIED,
 };
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
@@ -63,28 +64,41 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
             r.path_len = b.len() as u16;
         }
     }
-    let backstop =
-        get::BACKSTOP() != 0 && sub.pol.mode == MODE_ENFORCE && sub.pol.flags & POLICE_EXEC != 0;
-    if backstop {
-        if fileless && sub.pol.flags & ALLOW_FILELESS == 0 {
-            // SAFETY: signals the current task only.
-            unsafe { bpf_send_signal(SIGKILL) };
-            r.verdict = VERDICT_DENIED;
-            r.flags |= EV_KILLED;
-        } else {
-            let key = InodeKey {
-                ruleset: sub.pol.ruleset,
-                dev: r.dev,
-                ino: r.ino,
-            };
-            if sub.pol.flags & MARKED == 0 || EXEC_INODES.get_ptr(&key).is_none() {
-                unsafe { bpf_send_signal(SIGSTOP) };
-                r.flags |= EV_STOPPED;
-            }
-        }
+    if get::BACKSTOP() != 0 {
+        backstop(&sub, &mut r, fileless);
     }
     path::put_ruleset(s, sub.pol.ruleset);
     let src = unsafe { s.data.as_ptr().add(4) };
     decide::emit(&sub, &r, src);
     0
+}
+
+/// Tier 2: kill a fileless image the policy does not allow; stop any exec until the
+/// container's mounts are marked (every mode: learn and monitor must not miss early opens
+/// either); in enforce mode, stop an image whose inode the agent has not allowed yet.
+#[inline(always)]
+fn backstop(sub: &decide::Subject, r: &mut Report, fileless: bool) {
+    let flags = sub.pol.flags;
+    if flags & (POLICE_EXEC | POLICE_FILES) == 0 {
+        return;
+    }
+    let enforce_exec = sub.pol.mode == MODE_ENFORCE && flags & POLICE_EXEC != 0;
+    if enforce_exec && fileless && flags & ALLOW_FILELESS == 0 {
+        // SAFETY: signals the current task only.
+        unsafe { bpf_send_signal(SIGKILL) };
+        r.verdict = VERDICT_DENIED;
+        r.flags |= EV_KILLED;
+        return;
+    }
+    let key = InodeKey {
+        ruleset: sub.pol.ruleset,
+        dev: r.dev,
+        ino: r.ino,
+    };
+    let unknown = enforce_exec && EXEC_INODES.get_ptr(&key).is_none();
+    if flags & MARKED == 0 || unknown {
+        // SAFETY: signals the current task only.
+        unsafe { bpf_send_signal(SIGSTOP) };
+        r.flags |= EV_STOPPED;
+    }
 }

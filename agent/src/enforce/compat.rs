@@ -218,6 +218,9 @@ impl CompatBackend {
             .map(|p| p.into_os_string().into_encoded_bytes())
             .unwrap_or_default();
         let allowed = match &b {
+            // Learn and monitor: stopped only until the mounts were marked (just done above);
+            // their verdicts are reported from the exec trail.
+            Some(b) if b.mode != abi::MODE_ENFORCE => true,
             Some(b) if !path.is_empty() => b.compiled.check_exec(&path).allowed,
             // Unknown binding or unreadable image: fail closed.
             _ => false,
