@@ -125,17 +125,9 @@ spec:
     /// Run the workload to completion in a new container: (exit code, output).
     fn run(&self, name: &str, args: &[&str]) -> (i64, String, Container) {
         let label = format!("palisade.test={}", self.label);
-        // Known tier-2 gap: in learn (and monitor) mode the backstop does not stop a new
-        // container's first exec, so opens in its first milliseconds, before the agent has
-        // marked the container's mounts, are not seen (the script's own open of /app.sh was
-        // missed about one run in three, and then denied under the learned policy). The
-        // workload starts after a second, like any long-running service's steady state.
-        let mut cmd = vec![
-            "/bin/sh",
-            "-c",
-            r#"sleep 1; exec /bin/sh /app.sh "$@""#,
-            "sh",
-        ];
+        // The entrypoint opens /app.sh at once: the backstop holds the container's first exec
+        // until its mounts are marked, in learn mode too, so that open is observed.
+        let mut cmd = vec!["/bin/sh", "/app.sh"];
         cmd.extend(args);
         let c = Container::with_args(
             &["create"],
