@@ -8,7 +8,7 @@ use std::{
 };
 
 use palisade_tests::{
-    agent::{AGENT_LOCK, Agent, build_program},
+    agent::{Agent, build_program, exclusive},
     docker::{Container, docker, ensure_docker, unique_name},
 };
 use serde_json::Value;
@@ -111,29 +111,9 @@ fn container_name(e: &Value) -> Option<&str> {
     e["container"]["name"].as_str()
 }
 
-/// Wait until the agent lists the container under `policy`.
-fn wait_bound(agent: &Agent, id: &str, policy: &str) {
-    for _ in 0..100 {
-        let out = agent.cli(&["containers", "-o", "json"]).unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let bound = list.as_array().is_some_and(|l| {
-            l.iter()
-                .any(|c| c["meta"]["id"] == id && c["policy"] == policy)
-        });
-        if bound {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "container {id} never bound to {policy}; agent log:\n{}",
-        agent.log()
-    );
-}
-
 #[test]
 fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let fx = Fixture::new();
     let allowed4 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -161,7 +141,7 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
     let name = unique_name("pal-enf");
     let c = fx.container(&name, &[("palisade.test", &label)]);
     let other = fx.container(&unique_name("pal-free"), &[]);
-    wait_bound(&agent, &c.id, &pname);
+    agent.wait_bound(&c.id, &pname);
 
     // Files: root mount and bind mount, allowed and denied.
     let (rc, out, _) = c.exec(&["cat", "/ok.txt"]);
@@ -283,7 +263,7 @@ fn compat_tier_enforces_exec_open_and_egress_in_real_containers() {
 /// blocked), and a restarted agent takes over and enforces again.
 #[test]
 fn compat_tier_fails_closed_while_the_agent_is_down() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let fx = Fixture::new();
     let allowed4 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -300,7 +280,7 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
         .write_policy("crash.yaml", &policy(&pname, &label, "enforce", pa4, pa4))
         .unwrap();
     let c = fx.container(&unique_name("pal-crash"), &[("palisade.test", &label)]);
-    wait_bound(&agent, &c.id, &pname);
+    agent.wait_bound(&c.id, &pname);
     assert_ne!(
         c.exec(&["cat", "/secret.txt"]).0,
         0,
@@ -372,7 +352,7 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
     );
 
     agent.restart().unwrap();
-    wait_bound(&agent, &c.id, &pname);
+    agent.wait_bound(&c.id, &pname);
     let (rc, out, err) = c.exec(&["cat", "/secret.txt"]);
     assert!(
         rc != 0 && !out.contains("root-secret"),

@@ -13,7 +13,7 @@ use std::{
 };
 
 use palisade_tests::{
-    agent::{AGENT_LOCK, Agent},
+    agent::{Agent, exclusive},
     docker::{Container, IMAGE, docker, ensure_docker, unique_name},
 };
 use serde_json::Value;
@@ -152,29 +152,9 @@ fn per_container(s: &BTreeMap<String, u64>) -> BTreeMap<&'static str, u64> {
         .collect()
 }
 
-/// Wait until the agent lists the container under `policy`.
-fn wait_bound(agent: &Agent, id: &str, policy: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = agent.cli(&["containers", "-o", "json"]).unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if list.as_array().is_some_and(|l| {
-            l.iter()
-                .any(|c| c["meta"]["id"] == id && c["policy"] == policy)
-        }) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "container {id} never bound to {policy}; agent log:\n{}",
-        agent.log()
-    );
-}
-
 #[test]
 fn entrypoint_not_on_the_exec_list_never_runs() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let dir = scratch("deny");
     let agent = Agent::start("idenf-deny", &["--enforcer", "compat"]).unwrap();
@@ -219,7 +199,7 @@ fn entrypoint_not_on_the_exec_list_never_runs() {
 
 #[test]
 fn monitor_mode_runs_the_entrypoint_and_reports_it() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let dir = scratch("mon");
     let agent = Agent::start("idenf-mon", &["--enforcer", "compat"]).unwrap();
@@ -274,7 +254,7 @@ fn monitor_mode_runs_the_entrypoint_and_reports_it() {
 
 #[test]
 fn containers_running_before_the_agent_are_policed() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let dir = scratch("early");
     std::fs::write(dir.join("secret.txt"), "early-secret\n").unwrap();
@@ -311,7 +291,7 @@ fn containers_running_before_the_agent_are_policed() {
     agent
         .write_policy("early.yaml", &policy(&pname, &label, "enforce", body))
         .unwrap();
-    wait_bound(&agent, &c.id, &pname);
+    agent.wait_bound(&c.id, &pname);
 
     let from = agent.event_count();
     let (rc, out, err) = c.exec(&["cat", "/secret.txt"]);
@@ -423,7 +403,7 @@ impl Drop for RemoveOnDrop {
 
 #[test]
 fn removed_containers_release_kernel_state() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     let agent = Agent::start("idenf-churn", &["--enforcer", "compat"]).unwrap();
     let label = unique_name("churn");
@@ -615,7 +595,7 @@ fn rmdir_v1_with_id(target: u64) -> bool {
 #[test]
 #[ignore = "needs an exact kernfs id collision, which is probabilistic; run with --ignored"]
 fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
-    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = exclusive();
     ensure_docker().unwrap();
     if v1_hierarchies().is_empty() {
         eprintln!("no cgroup-v1 hierarchy on this host: nothing to collide with");
@@ -638,7 +618,7 @@ fn removing_a_v1_cgroup_with_the_same_id_keeps_the_binding() {
         &["sleep", "600"],
     )
     .unwrap();
-    wait_bound(&agent, &c.id, &pname);
+    agent.wait_bound(&c.id, &pname);
     let (_, _, err) = c.exec(&["nc", "127.0.0.1", "1"]);
     assert!(err.contains("not permitted"), "egress denied before: {err}");
     let dir = palisade::containers::cgroup2::absolute_path(&root, &c.cgroup_path().unwrap());

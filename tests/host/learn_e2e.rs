@@ -9,47 +9,14 @@ use std::{
     net::TcpListener,
     path::PathBuf,
     process::Output,
-    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
 use palisade_tests::{
-    agent::{AGENT_LOCK, Agent, build_program},
+    agent::{Agent, build_program, exclusive as lock},
     docker::{Container, docker, ensure_docker, unique_name},
 };
 use serde_json::Value;
-
-/// Is another `palisade agent` running on this machine (its binary named `palisade`, first
-/// argument `agent`)? Read from /proc: `pgrep -f` would also match shells mentioning the words.
-fn other_agent_running() -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.filter_map(Result::ok).any(|e| {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            return false;
-        };
-        let mut args = cmd.split(|b| *b == 0);
-        let bin = args.next().unwrap_or_default();
-        bin.rsplit(|b| *b == b'/').next() == Some(b"palisade".as_slice())
-            && args.next() == Some(b"agent".as_slice())
-    })
-}
-
-/// The agent lock, once no other agent runs here (two agents would both police every
-/// container).
-fn lock() -> MutexGuard<'static, ()> {
-    let guard = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while other_agent_running() {
-        assert!(
-            Instant::now() < deadline,
-            "another palisade agent kept running"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    guard
-}
 
 /// The workload: reads its config, writes 12 rotating logs under one directory, runs a few
 /// busybox applets and calls its backend on 127.0.0.1:$2. With `$1 = new` it then tries three

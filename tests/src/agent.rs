@@ -4,7 +4,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -28,6 +28,38 @@ pub fn palisade_bin() -> PathBuf {
 
 /// Tests that run an agent take this lock: two agents would both police every container.
 pub static AGENT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Is another `palisade agent` running on this machine (its binary named `palisade`, first
+/// argument `agent`)? Read from /proc: `pgrep -f` would also match shells mentioning the words.
+pub fn other_agent_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(Result::ok).any(|e| {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            return false;
+        };
+        let mut args = cmd.split(|b| *b == 0);
+        let bin = args.next().unwrap_or_default();
+        bin.rsplit(|b| *b == b'/').next() == Some(b"palisade".as_slice())
+            && args.next() == Some(b"agent".as_slice())
+    })
+}
+
+/// The agent lock, once no other agent runs on this machine (another test binary's, or a
+/// developer's): take it before [`Agent::start`].
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    let guard = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while other_agent_running() {
+        assert!(
+            Instant::now() < deadline,
+            "another palisade agent kept running"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    guard
+}
 
 pub struct Agent {
     child: Option<Child>,
@@ -155,6 +187,29 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Wait until the agent lists container `id` under `policy` (panics after 10 s).
+    pub fn wait_bound(&self, id: &str, policy: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let out = self.cli(&["containers", "-o", "json"]).ok();
+            let list: Value = out
+                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                .unwrap_or(Value::Null);
+            let bound = list.as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|c| c["meta"]["id"] == id && c["policy"] == policy)
+            });
+            if bound {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "container {id} never bound to {policy}; agent log:\n{}",
+            self.log()
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {

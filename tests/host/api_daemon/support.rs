@@ -5,51 +5,19 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use palisade::api::pb;
+pub use palisade_tests::agent::exclusive as lock;
 use palisade_tests::{
-    agent::{AGENT_LOCK, Agent, palisade_bin},
+    agent::{Agent, palisade_bin},
     docker::{Container, docker, ensure_docker, unique_name},
 };
 use serde_json::Value;
 
 pub const WAIT: Duration = Duration::from_secs(10);
-
-/// Is a `palisade agent` process running (any binary named `palisade`, first argument `agent`)?
-/// Read from /proc rather than `pgrep -f`, which also matches shells whose command line merely
-/// mentions the words.
-pub fn other_agent_running() -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.filter_map(Result::ok).any(|e| {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            return false;
-        };
-        let mut args = cmd.split(|b| *b == 0);
-        let bin = args.next().unwrap_or_default();
-        bin.rsplit(|b| *b == b'/').next() == Some(b"palisade".as_slice())
-            && args.next() == Some(b"agent".as_slice())
-    })
-}
-
-/// The agent lock, after any other helper's agent on this machine has gone (two agents would
-/// both police every container).
-pub fn lock() -> MutexGuard<'static, ()> {
-    let guard = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while other_agent_running() {
-        assert!(
-            Instant::now() < deadline,
-            "another palisade agent kept running"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    guard
-}
 
 /// Host data bind-mounted read-only at /data, and policy files to apply.
 pub struct Fixture {
@@ -172,24 +140,7 @@ pub fn apply(agent: &Agent, file: &Path) -> String {
 
 /// Wait until the agent lists the container under `policy`.
 pub fn wait_bound(agent: &Agent, c: &Container, policy: &str) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        let list = cli_json(agent, &["containers"]);
-        if list
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x["meta"]["id"] == c.id.as_str() && x["policy"] == policy)
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "{} never bound to {policy}; agent log:\n{}",
-        c.name,
-        agent.log()
-    );
+    agent.wait_bound(&c.id, policy);
 }
 
 pub fn read(c: &Container, path: &str) -> Result<String, String> {
