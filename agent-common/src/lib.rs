@@ -66,6 +66,18 @@ pub const GLOBAL_HOST_MNTNS: &str = "HOST_MNTNS";
 pub const GLOBAL_BACKSTOP: &str = "BACKSTOP";
 
 // ---------------------------------------------------------------------------------------------
+// Map capacities (max entries), shared so the agent can report how full each map is.
+// ---------------------------------------------------------------------------------------------
+
+pub const CAP_CGROUPS: u32 = 16384;
+pub const CAP_PENDING: u32 = 1024;
+pub const CAP_EXEC_RULES: u32 = 65536;
+pub const CAP_FILE_RULES: u32 = 65536;
+pub const CAP_NET_RULES: u32 = 16384;
+pub const CAP_SEEN: u32 = 65536;
+pub const CAP_EXEC_INODES: u32 = 65536;
+
+// ---------------------------------------------------------------------------------------------
 // Sizes.
 // ---------------------------------------------------------------------------------------------
 

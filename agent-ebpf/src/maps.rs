@@ -1,7 +1,8 @@
 //! Every map the programs share. Names and value types come from `agent-common`.
 use agent_common::{
-    CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PATH_KEY_DATA, PathKeyData,
-    PathRule, STAT_COUNT, SeenKey,
+    CAP_CGROUPS, CAP_EXEC_INODES, CAP_EXEC_RULES, CAP_FILE_RULES, CAP_NET_RULES, CAP_PENDING,
+    CAP_SEEN, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PATH_KEY_DATA,
+    PathKeyData, PathRule, STAT_COUNT, SeenKey,
 };
 use aya_ebpf::{
     macros::map,
@@ -9,28 +10,31 @@ use aya_ebpf::{
 };
 
 #[map(name = "PAL_CGROUPS")]
-pub static CGROUPS: HashMap<u64, CgroupPolicy> = HashMap::with_max_entries(16384, 0);
+pub static CGROUPS: HashMap<u64, CgroupPolicy> = HashMap::with_max_entries(CAP_CGROUPS, 0);
 
 #[map(name = "PAL_PENDING")]
-pub static PENDING: HashMap<CgroupPathKey, CgroupPolicy> = HashMap::with_max_entries(1024, 0);
+pub static PENDING: HashMap<CgroupPathKey, CgroupPolicy> =
+    HashMap::with_max_entries(CAP_PENDING, 0);
 
 #[map(name = "PAL_EXEC_RULES")]
-pub static EXEC_RULES: LpmTrie<PathKeyData, PathRule> = LpmTrie::with_max_entries(65536, 0);
+pub static EXEC_RULES: LpmTrie<PathKeyData, PathRule> =
+    LpmTrie::with_max_entries(CAP_EXEC_RULES, 0);
 
 #[map(name = "PAL_FILE_RULES")]
-pub static FILE_RULES: LpmTrie<PathKeyData, PathRule> = LpmTrie::with_max_entries(65536, 0);
+pub static FILE_RULES: LpmTrie<PathKeyData, PathRule> =
+    LpmTrie::with_max_entries(CAP_FILE_RULES, 0);
 
 #[map(name = "PAL_NET_RULES")]
-pub static NET_RULES: LpmTrie<NetKeyData, NetRule> = LpmTrie::with_max_entries(16384, 0);
+pub static NET_RULES: LpmTrie<NetKeyData, NetRule> = LpmTrie::with_max_entries(CAP_NET_RULES, 0);
 
 #[map(name = "PAL_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 #[map(name = "PAL_SEEN")]
-pub static SEEN: LruHashMap<SeenKey, u8> = LruHashMap::with_max_entries(65536, 0);
+pub static SEEN: LruHashMap<SeenKey, u8> = LruHashMap::with_max_entries(CAP_SEEN, 0);
 
 #[map(name = "PAL_EXEC_INODES")]
-pub static EXEC_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(65536, 0);
+pub static EXEC_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(CAP_EXEC_INODES, 0);
 
 #[map(name = "PAL_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

@@ -511,6 +511,16 @@ fn metrics_health_and_gauges_from_the_daemon() {
     );
     wait_metric(port, "palisade_policies ", |v| v == 1.0);
     wait_metric(port, "palisade_bound_containers ", |v| v == 1.0);
+    // The bound container's cgroup entry and the policy's rules fill the kernel maps.
+    wait_metric(port, "palisade_map_fill_ratio{map=\"PAL_CGROUPS\"}", |v| {
+        v > 0.0
+    });
+    wait_metric(
+        port,
+        "palisade_map_fill_ratio{map=\"PAL_FILE_RULES\"}",
+        |v| v > 0.0,
+    );
+    wait_metric(port, "palisade_agent_info{version=", |v| v == 1.0);
     let known = cli_json(&agent, &["containers"]).as_array().unwrap().len() as f64;
     wait_metric(port, "palisade_containers ", |v| {
         v >= 1.0 && v >= known - 0.5

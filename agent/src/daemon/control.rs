@@ -117,6 +117,40 @@ impl DaemonControl {
             None => e.bound().count(),
         };
         m.containers.set(known as i64);
+        let [cg, pending, exec, files, net, inodes] = e.map_counts();
+        for (name, n, cap) in [
+            (agent_common::MAP_CGROUPS, cg, agent_common::CAP_CGROUPS),
+            (
+                agent_common::MAP_PENDING,
+                pending,
+                agent_common::CAP_PENDING,
+            ),
+            (
+                agent_common::MAP_EXEC_RULES,
+                exec,
+                agent_common::CAP_EXEC_RULES,
+            ),
+            (
+                agent_common::MAP_FILE_RULES,
+                files,
+                agent_common::CAP_FILE_RULES,
+            ),
+            (
+                agent_common::MAP_NET_RULES,
+                net,
+                agent_common::CAP_NET_RULES,
+            ),
+            (
+                agent_common::MAP_EXEC_INODES,
+                inodes,
+                agent_common::CAP_EXEC_INODES,
+            ),
+        ] {
+            let labels = vec![("map".to_string(), name.to_string())];
+            m.map_fill
+                .get_or_create(&labels)
+                .set(n as f64 / f64::from(cap));
+        }
     }
 
     fn policy_event(&self, verdict: Verdict, msg: String) {
