@@ -222,6 +222,7 @@ async fn docker_session(
     let mut events = pin!(client.events(since));
     let containers = client.list().await?;
     backoff.connected();
+    inventory.mark_runtime_synced();
     let mut inspections = Inspections::default();
     for (id, state) in containers {
         if !matches!(

@@ -58,6 +58,9 @@ struct State {
 pub struct Inventory {
     state: Arc<RwLock<State>>,
     tx: broadcast::Sender<InventoryEvent>,
+    /// Set once the Docker event stream is connected and the container list resynced: from
+    /// then on a new container's `create` arms its binding before its cgroup exists.
+    runtime_synced: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Inventory {
@@ -71,7 +74,21 @@ impl Inventory {
         Self {
             state: Arc::default(),
             tx: broadcast::channel(EVENT_CAPACITY).0,
+            runtime_synced: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Called by discovery when a runtime's event stream is live.
+    pub fn mark_runtime_synced(&self) {
+        self.runtime_synced.send_replace(true);
+    }
+
+    /// Wait (at most `timeout`) until a runtime event stream is live; `false` on timeout.
+    pub async fn wait_runtime_synced(&self, timeout: std::time::Duration) -> bool {
+        let mut rx = self.runtime_synced.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|v| *v))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The container a cgroup id belongs to (its own cgroup or one nested inside it).

@@ -255,6 +255,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         learn_dir.clone(),
         std::time::Duration::from_secs(5),
     ));
+    if let (Some(inv), true) = (&inventory, cfg.docker_socket.exists()) {
+        // Ready only once Docker's create events arm bindings (bounded: a hung dockerd must
+        // not keep the node's agent from enforcing what it already knows).
+        if !inv
+            .wait_runtime_synced(std::time::Duration::from_secs(10))
+            .await
+        {
+            warn!("Docker event stream not connected after 10 s; continuing without it");
+        }
+    }
     // Policies and running containers are bound: userspace deciders may answer now (events
     // that arrived meanwhile, e.g. queued in an adopted fanotify group, waited).
     engine
