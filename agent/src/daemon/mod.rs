@@ -418,6 +418,9 @@ async fn kernel_events(
     };
     let mut learned: HashSet<(u32, Vec<u8>)> = HashSet::new();
     let mut last_drops = 0u64;
+    // Drops are read from a per-CPU kernel counter (a map syscall under the engine lock): a few
+    // times a second is enough, not once per event.
+    let mut next_drop_check = std::time::Instant::now();
     let r = bpf::ringbuf::run(ring, |k| {
         if k.kind == abi::KIND_CGROUP_BOUND {
             let path = String::from_utf8_lossy(k.path_bytes()).into_owned();
@@ -452,13 +455,16 @@ async fn kernel_events(
             }
             bus.publish(e);
         }
-        let drops = engine
-            .lock()
-            .map(|e| e.kernel_stat(abi::STAT_RINGBUF_DROPS))
-            .unwrap_or(0);
-        if drops > last_drops {
-            bus.kernel_drops(drops - last_drops);
-            last_drops = drops;
+        if std::time::Instant::now() >= next_drop_check {
+            next_drop_check = std::time::Instant::now() + std::time::Duration::from_millis(250);
+            let drops = engine
+                .lock()
+                .map(|e| e.kernel_stat(abi::STAT_RINGBUF_DROPS))
+                .unwrap_or(0);
+            if drops > last_drops {
+                bus.kernel_drops(drops - last_drops);
+                last_drops = drops;
+            }
         }
         true
     })
