@@ -272,14 +272,12 @@ impl Engine {
         if let Err(e) = self.rules.bind(cgroup_id, kpol) {
             warn!(cgroup_id, error = %e, "binding cgroup failed");
         }
-        let mut s = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
-        s.by_cgroup.insert(cgroup_id, binding);
-        let names = self
-            .policies
-            .values()
-            .map(|a| (a.id, a.policy.name.clone()))
-            .collect();
-        s.policy_names = names;
+        // Policy names change only with the policy set; `rebind_all` refreshes them.
+        self.snapshot
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_cgroup
+            .insert(cgroup_id, binding);
     }
 
     /// Hand a kernel exec event to the backend (tier 2 answers stopped execs).
