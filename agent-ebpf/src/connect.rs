@@ -6,15 +6,14 @@ use crate::{
     decide,
     net::{self, AF_INET, AF_INET6, Dest, SOCK_DGRAM},
     offsets::{get, read},
+    ret,
 };
-
-const EPERM: i32 = decide::EPERM;
 
 #[lsm(hook = "socket_connect")]
 pub fn socket_connect(ctx: LsmContext) -> i32 {
     let retval: i32 = ctx.arg(3);
     if retval != 0 {
-        return retval.clamp(-4095, 0);
+        return ret::pass_on(retval);
     }
     let Some(sub) = decide::current() else {
         return 0;
@@ -29,7 +28,7 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
 pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     let retval: i32 = ctx.arg(3);
     if retval != 0 {
-        return retval.clamp(-4095, 0);
+        return ret::pass_on(retval);
     }
     let Some(sub) = decide::current() else {
         return 0;
@@ -43,11 +42,7 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
         return 0;
     }
     let Ok(name) = (unsafe { read::<*const u8>(msg, get::OFF_MSGHDR_MSG_NAME()) }) else {
-        return if decide::judge(&sub.pol, false).1 {
-            -EPERM
-        } else {
-            0
-        };
+        return ret::verdict(decide::judge(&sub.pol, false).1);
     };
     if name.is_null() {
         // Connected UDP: its destination was policed at connect.
@@ -102,9 +97,5 @@ fn verdict(
     if !ok {
         flags |= EV_TRUNCATED;
     }
-    if net::decide(sub, &d, flags) {
-        0
-    } else {
-        -EPERM
-    }
+    ret::verdict(!net::decide(sub, &d, flags))
 }

@@ -18,8 +18,6 @@ use crate::{
     offsets::{get, read},
 };
 
-pub const EPERM: i32 = 1;
-
 /// The policed subject: the current task's cgroup and its policy.
 #[derive(Clone, Copy)]
 pub struct Subject {
@@ -215,5 +213,5 @@ pub fn conclude(
     }
     let src = unsafe { s.data.as_ptr().add(RULESET_BYTES) };
     emit(sub, &r, src);
-    if deny { -EPERM } else { 0 }
+    crate::ret::verdict(deny)
 }

@@ -14,7 +14,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // Respect an earlier LSM's denial (clamped to a valid errno range).
     let retval: i32 = ctx.arg(1);
     if retval != 0 {
-        return retval.clamp(-4095, 0);
+        return crate::ret::pass_on(retval);
     }
     let Some(sub) = decide::current() else {
         return 0;
@@ -62,6 +62,5 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
 
 #[inline(always)]
 fn fail_closed(sub: &decide::Subject) -> i32 {
-    let (_, deny) = decide::judge(&sub.pol, false);
-    if deny { -decide::EPERM } else { 0 }
+    crate::ret::verdict(decide::judge(&sub.pol, false).1)
 }

@@ -14,6 +14,7 @@ mod net;
 mod offsets;
 mod open;
 mod path;
+mod ret;
 mod sched_exec;
 mod sock_addr;
 

@@ -18,7 +18,7 @@ const FMODE_EXEC: u32 = 0x20;
 pub fn file_open(ctx: LsmContext) -> i32 {
     let retval: i32 = ctx.arg(1);
     if retval != 0 {
-        return retval.clamp(-4095, 0);
+        return crate::ret::pass_on(retval);
     }
     let Some(sub) = decide::current() else {
         return 0;
@@ -44,8 +44,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         access = ACC_READ;
     }
     let Some(s) = scratch() else {
-        let (_, deny) = decide::judge(&sub.pol, false);
-        return if deny { -decide::EPERM } else { 0 };
+        return crate::ret::verdict(decide::judge(&sub.pol, false).1);
     };
     let f_path = unsafe { file.add(get::OFF_FILE_F_PATH()) };
     let mut r = Report {

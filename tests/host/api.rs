@@ -90,6 +90,7 @@ impl Control for MemControl {
             version: "9.9.9-test".into(),
             tier: "lsm".into(),
             kernel_features: vec!["bpf-lsm".into(), "ringbuf".into()],
+            tier_fallback: None,
             counters: BTreeMap::from([(
                 "policies".into(),
                 self.policies.lock().unwrap().len() as u64,

@@ -22,15 +22,67 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
 ];
 
-/// Where the guest kernel (extracted Debian package, `boot/` only) is cached.
-pub fn kernel_dir() -> PathBuf {
-    cache_dir().join("guest-kernel")
+/// The guest kernels the suites boot (`cargo xtask guest --kernel NAME`): Debian 12's own 6.1
+/// and its 6.12 LTS (also Debian 13's, RHEL 10's, many cloud images'), each named by the meta
+/// package that points at the current build.
+pub const KERNELS: &[GuestKernel] = &[
+    GuestKernel {
+        name: "6.1",
+        meta: "linux-image-amd64",
+    },
+    GuestKernel {
+        name: "6.12",
+        meta: "linux-image-6.12-amd64",
+    },
+];
+
+/// One kernel of the matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestKernel {
+    /// Short name used on the command line and in reports.
+    pub name: &'static str,
+    /// Debian meta package whose `Depends:` names the versioned image package.
+    pub meta: &'static str,
+}
+
+impl GuestKernel {
+    /// Looks a kernel up by its short name.
+    pub fn named(name: &str) -> Result<GuestKernel> {
+        KERNELS
+            .iter()
+            .copied()
+            .find(|k| k.name == name)
+            .with_context(|| {
+                let known: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+                format!(
+                    "unknown guest kernel `{name}` (known: {})",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// Where this kernel (extracted Debian package, `boot/` only) is cached.
+    pub fn dir(&self) -> PathBuf {
+        cache_dir().join(format!("guest-kernel-{}", self.name))
+    }
+
+    /// The vmlinuz inside the cached kernel, if any.
+    pub fn vmlinuz(&self) -> Option<PathBuf> {
+        fs::read_dir(self.dir().join("boot"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+    }
 }
 
 /// Tracks whether `apt-get update` already ran in this process: it is slow and only needed
 /// when something has to be installed or looked up.
 #[derive(Default)]
-struct Apt {
+pub struct Apt {
     updated: bool,
 }
 
@@ -46,18 +98,24 @@ impl Apt {
 
 fn apt_cmd(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    // Another apt (unattended upgrades, a second bootstrap) holding the lock is waited for,
+    // not a failure.
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["-o", "DPkg::Lock::Timeout=600"]);
     cmd
 }
 
-/// Runs every bootstrap step. Returns the guest kernel image path.
-pub fn bootstrap() -> Result<PathBuf> {
+/// Runs every bootstrap step, including every guest kernel of the matrix.
+pub fn bootstrap() -> Result<()> {
     let mut apt = Apt::default();
     apt_packages(&mut apt)?;
     let toolchain = util::toolchain()?;
     rust_src(&toolchain)?;
     bpf_linker(&toolchain)?;
-    guest_kernel(&mut apt)
+    for k in KERNELS {
+        guest_kernel(&mut apt, k)?;
+    }
+    Ok(())
 }
 
 fn apt_packages(apt: &mut Apt) -> Result<()> {
@@ -181,31 +239,23 @@ fn find_libllvm(sysroot: &Path) -> Result<PathBuf> {
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))
 }
 
-/// The vmlinuz inside the cached kernel, if any.
-pub fn find_vmlinuz() -> Option<PathBuf> {
-    fs::read_dir(kernel_dir().join("boot"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-}
-
-/// Downloads (not installs) the Debian kernel that `linux-image-amd64` points at and keeps its
-/// `boot/` in the cache: booted under QEMU with `lsm=...,bpf` it gives the BPF-LSM tier.
-fn guest_kernel(apt: &mut Apt) -> Result<PathBuf> {
-    if let Some(vmlinuz) = find_vmlinuz() {
-        eprintln!("[xtask] guest kernel: {}", vmlinuz.display());
+/// Downloads (not installs) the Debian kernel that `k.meta` points at and keeps its `boot/` in
+/// the cache: booted under QEMU with `lsm=...,bpf` it gives the BPF-LSM tier.
+pub fn guest_kernel(apt: &mut Apt, k: &GuestKernel) -> Result<PathBuf> {
+    if let Some(vmlinuz) = k.vmlinuz() {
+        eprintln!("[xtask] guest kernel {}: {}", k.name, vmlinuz.display());
         return Ok(vmlinuz);
     }
     apt.update_once()?;
-    let deps = capture(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    let package = parse_kernel_dependency(&deps)
-        .with_context(|| format!("no linux-image-*-amd64 dependency in:\n{deps}"))?;
-    eprintln!("[xtask] guest kernel: downloading {package}");
-    let work = cache_dir().join("guest-kernel.tmp");
+    let deps = capture(Command::new("apt-cache").args(["depends", k.meta]))?;
+    let package = parse_kernel_dependency(&deps).with_context(|| {
+        format!(
+            "no linux-image-*-amd64 dependency of {} in:\n{deps}",
+            k.meta
+        )
+    })?;
+    eprintln!("[xtask] guest kernel {}: downloading {package}", k.name);
+    let work = cache_dir().join(format!("guest-kernel-{}.tmp", k.name));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     run(apt_cmd("apt-get")
@@ -219,13 +269,14 @@ fn guest_kernel(apt: &mut Apt) -> Result<PathBuf> {
     let unpacked = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     // Only boot/ is needed (the guest loads no modules); dropping lib/modules saves ~400 MB.
-    let dest = kernel_dir();
+    let dest = k.dir();
     let _ = fs::remove_dir_all(&dest);
     fs::create_dir_all(&dest)?;
     fs::rename(unpacked.join("boot"), dest.join("boot"))?;
     fs::write(dest.join("PACKAGE"), format!("{package}\n"))?;
     fs::remove_dir_all(&work)?;
-    find_vmlinuz().context("the kernel package has no boot/vmlinuz-*")
+    k.vmlinuz()
+        .context("the kernel package has no boot/vmlinuz-*")
 }
 
 /// Picks `linux-image-<ver>-amd64` out of `apt-cache depends linux-image-amd64`.
@@ -249,6 +300,11 @@ mod tests {
         assert_eq!(
             parse_kernel_dependency(text).as_deref(),
             Some("linux-image-6.1.0-56-amd64")
+        );
+        let text = "linux-image-6.12-amd64\n  Depends: linux-image-6.12.118+deb12-amd64\n";
+        assert_eq!(
+            parse_kernel_dependency(text).as_deref(),
+            Some("linux-image-6.12.118+deb12-amd64")
         );
         assert_eq!(
             parse_kernel_dependency("linux-image-amd64\n  Recommends: x\n"),

@@ -68,13 +68,19 @@ struct TestArgs {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
-    /// Guest timeout in seconds.
+    /// Guest timeout in seconds (per kernel).
     #[arg(long, default_value_t = 300)]
     guest_timeout: u64,
+    /// Boot only these kernels of the matrix (repeatable; default: all of them).
+    #[arg(long = "kernel", value_name = "NAME")]
+    kernels: Vec<String>,
 }
 
 #[derive(Args)]
 struct GuestArgs {
+    /// The kernel of the matrix to boot (`6.1`, `6.12`).
+    #[arg(long, default_value = "6.1")]
+    kernel: String,
     /// After the tests, open a shell on the guest console instead of powering off.
     #[arg(long)]
     keep: bool,
@@ -131,12 +137,22 @@ fn real_main() -> Result<bool> {
             return Err(cmd.exec()).with_context(|| format!("exec {}", exe.display()));
         }
         Cmd::Test(t) => {
+            let kernels = if t.kernels.is_empty() {
+                bootstrap::KERNELS.to_vec()
+            } else {
+                t.kernels
+                    .iter()
+                    .map(|k| bootstrap::GuestKernel::named(k))
+                    .collect::<Result<_>>()?
+            };
             let opts = test::TestOptions {
+                kernels,
                 skip_guest: t.skip_guest,
                 skip_host: t.skip_host,
                 only_guest: t.only_guest,
                 no_lint: t.no_lint,
                 guest: vm::GuestOptions {
+                    kernel: bootstrap::KERNELS[0],
                     keep: false,
                     timeout: Duration::from_secs(t.guest_timeout),
                     test_args: Vec::new(),
@@ -146,6 +162,7 @@ fn real_main() -> Result<bool> {
         }
         Cmd::Guest(g) => {
             let opts = vm::GuestOptions {
+                kernel: bootstrap::GuestKernel::named(&g.kernel)?,
                 keep: g.keep,
                 timeout: Duration::from_secs(g.timeout),
                 test_args: g.test_args,

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    bootstrap,
+    bootstrap::{self, GuestKernel},
     cargo::{self, GUEST_PREFIX, TESTS_PACKAGE, cargo},
     docker,
     report::{self, Counts, Step},
@@ -18,6 +18,8 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub struct TestOptions {
+    /// The guest kernels to boot, each a step of its own.
+    pub kernels: Vec<GuestKernel>,
     pub skip_guest: bool,
     pub skip_host: bool,
     pub only_guest: bool,
@@ -104,7 +106,18 @@ pub fn test(opts: &TestOptions) -> Result<bool> {
             r.skipped("host integration", "disabled by flag");
         }
         if guest {
-            r.step("guest (QEMU, BPF-LSM)", || guest_suite(&opts.guest));
+            // One initramfs for every kernel; a failed build fails every kernel's step.
+            let initramfs = vm::prepare(&opts.guest).map_err(|e| format!("{e:#}"));
+            for k in &opts.kernels {
+                let g = GuestOptions {
+                    kernel: *k,
+                    ..opts.guest.clone()
+                };
+                r.step(&format!("guest {} (QEMU, BPF-LSM)", k.name), || {
+                    let initramfs = initramfs.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    guest_suite(initramfs, &g)
+                });
+            }
         } else {
             r.skipped("guest", "--skip-guest");
         }
@@ -164,8 +177,8 @@ fn host_integration() -> StepResult {
     counted(&mut cmd)
 }
 
-fn guest_suite(opts: &GuestOptions) -> StepResult {
-    let outcome = vm::guest(opts)?;
+fn guest_suite(initramfs: &std::path::Path, opts: &GuestOptions) -> StepResult {
+    let outcome = vm::boot_kernel(initramfs, opts)?;
     let summary = outcome.summary();
     eprintln!("[xtask] {summary}");
     // The self-checks are not libtest binaries: count each as one test.

@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    bootstrap, cargo,
+    bootstrap::{self, GuestKernel},
+    cargo,
     cpio::Archive,
     docker::{busybox_applets, static_busybox},
     report::{Counts, parse_libtest},
@@ -28,6 +29,8 @@ const DONE: &str = "PALISADE-GUEST-DONE";
 
 #[derive(Debug, Clone)]
 pub struct GuestOptions {
+    /// The kernel of the matrix to boot.
+    pub kernel: GuestKernel,
     /// Drop to a shell on the console after the tests instead of powering off.
     pub keep: bool,
     pub timeout: Duration,
@@ -43,6 +46,8 @@ pub struct GuestOutcome {
     pub done: bool,
     pub counts: Counts,
     pub boot: Option<Duration>,
+    /// `uname -r` as the guest printed it.
+    pub release: Option<String>,
     pub elapsed: Duration,
     pub timed_out: bool,
 }
@@ -62,8 +67,9 @@ impl GuestOutcome {
         let boot = self
             .boot
             .map_or("never".into(), |b| format!("{:.1}s", b.as_secs_f64()));
+        let release = self.release.as_deref().unwrap_or("?");
         let mut s = format!(
-            "guest: {} binaries/checks, boot {boot}, total {:.1}s",
+            "guest {release}: {} binaries/checks, boot {boot}, total {:.1}s",
             self.results.len(),
             self.elapsed.as_secs_f64()
         );
@@ -79,12 +85,40 @@ impl GuestOutcome {
     }
 }
 
-/// Builds everything, boots the guest and collects its results.
+/// Builds everything, boots the guest on `opts.kernel` and collects its results.
 pub fn guest(opts: &GuestOptions) -> Result<GuestOutcome> {
-    let vmlinuz = match bootstrap::find_vmlinuz() {
+    let initramfs = prepare(opts)?;
+    boot_kernel(&initramfs, opts)
+}
+
+/// Boots the guest on `opts.kernel` with an initramfs from [`prepare`].
+pub fn boot_kernel(initramfs: &Path, opts: &GuestOptions) -> Result<GuestOutcome> {
+    let vmlinuz = match opts.kernel.vmlinuz() {
         Some(v) => v,
-        None => bootstrap::bootstrap()?,
+        None => bootstrap::guest_kernel(&mut Default::default(), &opts.kernel)?,
     };
+    let log = target_dir()
+        .join("guest")
+        .join(format!("serial-{}.log", opts.kernel.name));
+    let mut outcome = boot(&vmlinuz, initramfs, opts, &log)?;
+    // The matrix is only as good as the kernel that really booted.
+    let want = format!("{}.", opts.kernel.name);
+    let booted = outcome.release.as_deref().unwrap_or("");
+    if !booted.starts_with(&want) {
+        eprintln!(
+            "[xtask] guest: expected kernel {} but the guest reported `{booted}`",
+            opts.kernel.name
+        );
+        outcome.results.push(("selfcheck-kernel-version".into(), 1));
+    } else {
+        outcome.results.push(("selfcheck-kernel-version".into(), 0));
+    }
+    Ok(outcome)
+}
+
+/// Builds the agent and the guest tests and packs them into an initramfs (kernel-independent:
+/// one image serves every kernel of the matrix).
+pub fn prepare(opts: &GuestOptions) -> Result<PathBuf> {
     // The debug build: the host tests built it already, and the guest only runs tests.
     let palisade = cargo::build_palisade(false)?;
     let tests = cargo::build_guest_tests()?;
@@ -102,7 +136,7 @@ pub fn guest(opts: &GuestOptions) -> Result<GuestOutcome> {
         fs::metadata(&initramfs)?.len() as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()
     );
-    boot(&vmlinuz, &initramfs, opts, &dir.join("serial.log"))
+    Ok(initramfs)
 }
 
 /// busybox, the agent, the test binaries, their shared libraries, /dev/console and /init.
@@ -382,6 +416,13 @@ impl GuestOutcome {
             .map_or(line, |i| &line[i..]);
         if line.starts_with(BOOTED) && self.boot.is_none() {
             self.boot = Some(at);
+            // "PALISADE-GUEST-BOOTED 2.49s kernel 6.12.118+deb12-amd64 lsm=..."
+            let mut words = line.split_whitespace();
+            self.release = words
+                .by_ref()
+                .skip_while(|w| *w != "kernel")
+                .nth(1)
+                .map(str::to_string);
         } else if let Some(rest) = line.strip_prefix(RESULT) {
             let mut it = rest.split_whitespace();
             if let (Some(name), Some(code)) = (it.next(), it.next()) {
@@ -416,10 +457,11 @@ mod tests {
     fn outcome_needs_done_and_all_zero() {
         let mut o = GuestOutcome::default();
         o.observe(
-            "\x1b[0m.PALISADE-GUEST-BOOTED 2.49s",
+            "\x1b[0m.PALISADE-GUEST-BOOTED 2.49s kernel 6.12.118+deb12-amd64 lsm=bpf",
             Duration::from_secs(3),
         );
         assert_eq!(o.boot, Some(Duration::from_secs(3)));
+        assert_eq!(o.release.as_deref(), Some("6.12.118+deb12-amd64"));
         o.observe("PALISADE-GUEST-RESULT selfcheck 0", Duration::ZERO);
         assert!(!o.passed(), "no DONE line yet");
         o.observe(

@@ -361,6 +361,7 @@ pub fn status_to_pb(s: StatusInfo) -> pb::StatusResponse {
         version: s.version,
         tier: s.tier,
         kernel_features: s.kernel_features,
+        tier_fallback: s.tier_fallback.unwrap_or_default(),
         counters: s.counters.into_iter().collect(),
     }
 }
@@ -370,6 +371,7 @@ pub fn status_from_pb(s: pb::StatusResponse) -> StatusInfo {
         version: s.version,
         tier: s.tier,
         kernel_features: s.kernel_features,
+        tier_fallback: Some(s.tier_fallback).filter(|r| !r.is_empty()),
         counters: s.counters.into_iter().collect(),
     }
 }

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub map_fill: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Always 1, labelled with the agent version and the enforcement tier in use.
     pub info: Family<Labels, Gauge>,
+    /// 1, labelled with the reason class, when `auto` fell back to tier 2 although BPF-LSM is
+    /// active on the node.
+    pub tier_fallback: Family<Labels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -69,9 +72,16 @@ impl Metrics {
             "Agent version and enforcement tier",
             info.clone(),
         );
+        let tier_fallback = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tier_fallback",
+            "Tier 2 in use although BPF-LSM is active, by reason",
+            tier_fallback.clone(),
+        );
         registry.register_collector(Box::new(BusCollector(bus)));
         Arc::new(Metrics {
             info,
+            tier_fallback,
             registry,
             policies,
             containers,
@@ -88,6 +98,12 @@ impl Metrics {
             ("tier".to_string(), tier.to_string()),
         ];
         self.info.get_or_create(&labels).set(1);
+    }
+
+    /// Record a tier fallback (`palisade_tier_fallback{reason} 1`).
+    pub fn set_tier_fallback(&self, reason: &str) {
+        let labels = vec![("reason".to_string(), reason.to_string())];
+        self.tier_fallback.get_or_create(&labels).set(1);
     }
 
     /// `/readyz` answers 200 once the daemon says so (policies loaded, hooks attached).

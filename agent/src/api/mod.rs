@@ -77,6 +77,8 @@ pub struct StatusInfo {
     pub version: String,
     pub tier: String,
     pub kernel_features: Vec<String>,
+    /// Set when `auto` fell back to tier 2 on a node where BPF-LSM is active: the reason.
+    pub tier_fallback: Option<String>,
     pub counters: BTreeMap<String, u64>,
 }
 

@@ -132,6 +132,9 @@ pub fn status(s: &StatusInfo) -> String {
         s.tier,
         s.kernel_features.join(", ")
     );
+    if let Some(why) = &s.tier_fallback {
+        out.push_str(&format!("fallback:  {why}\n"));
+    }
     if !s.counters.is_empty() {
         out.push_str("counters:\n");
         for (k, v) in &s.counters {

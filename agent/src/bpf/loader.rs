@@ -68,7 +68,8 @@ pub enum LoadError {
     Pin(std::io::Error),
 }
 
-const LSM_PROGRAMS: &[(&str, &str)] = &[
+/// Tier-1 programs: (program name, LSM hook).
+pub(super) const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("bprm_check_security", "bprm_check_security"),
     ("file_open", "file_open"),
     ("socket_connect", "socket_connect"),
@@ -124,7 +125,7 @@ pub fn host_root() -> (u64, u32) {
     }
 }
 
-fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
+pub(super) fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     if EBPF_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -145,31 +146,7 @@ fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Whether BPF-LSM programs load here (the `auto` tier probe). Loads and drops one program.
-pub fn lsm_available() -> bool {
-    probe_lsm().is_ok()
-}
-
-/// The `auto` tier probe, with the reason when BPF-LSM is unavailable.
-pub fn probe_lsm() -> Result<(), LoadError> {
-    let probe = || -> Result<(), LoadError> {
-        let mut ebpf = open_object(false)?;
-        let btf = Btf::from_sys_fs()?;
-        let prog: &mut Lsm = program(&mut ebpf, "bprm_check_security")?;
-        prog.load("bprm_check_security", &btf)
-            .map_err(|source| LoadError::Program {
-                name: "bprm_check_security",
-                source,
-            })
-    };
-    let r = probe();
-    if let Err(e) = &r {
-        debug!(error = %e, "BPF-LSM probe failed");
-    }
-    r
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {

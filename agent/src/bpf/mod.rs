@@ -3,6 +3,7 @@ pub mod btf;
 pub mod loader;
 pub mod offsets;
 pub mod pins;
+pub mod probe;
 pub mod ringbuf;
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).

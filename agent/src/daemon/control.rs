@@ -24,6 +24,8 @@ pub struct DaemonControl {
     pub inventory: Option<Inventory>,
     pub bus: EventBus,
     pub kernel_features: Vec<String>,
+    /// Why tier 1 was not used although BPF-LSM is active (`auto` fell back to tier 2).
+    pub tier_fallback: Option<String>,
     pub learn: LearnHandle,
 }
 
@@ -264,6 +266,7 @@ impl Control for DaemonControl {
             version: env!("CARGO_PKG_VERSION").into(),
             tier: e.tier().to_string(),
             kernel_features: self.kernel_features.clone(),
+            tier_fallback: self.tier_fallback.clone(),
             counters,
         }
     }

@@ -146,19 +146,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let probe = if cfg.enforcer == Enforcer::Compat {
         None
     } else {
-        Some(bpf::loader::probe_lsm())
+        Some(bpf::probe::lsm())
     };
     let lsm = matches!(probe, Some(Ok(())));
-    if let Some(Err(e)) = &probe {
-        info!(reason = %e, "BPF-LSM unavailable");
-    }
-    let tier = match cfg.enforcer {
-        Enforcer::Auto if lsm => Tier::Lsm,
-        Enforcer::Auto | Enforcer::Compat => Tier::Compat,
-        Enforcer::Lsm if lsm => Tier::Lsm,
-        Enforcer::Lsm => anyhow::bail!(
-            "--enforcer lsm: BPF-LSM programs do not load on this kernel (boot with lsm=...,bpf)"
-        ),
+    let tier = match (cfg.enforcer, &probe) {
+        (Enforcer::Lsm, Some(Err(e))) => anyhow::bail!("--enforcer lsm: tier 1 unavailable: {e}"),
+        (Enforcer::Auto | Enforcer::Lsm, Some(Ok(()))) => Tier::Lsm,
+        _ => Tier::Compat,
+    };
+    // A node where BPF-LSM is active but tier 1 does not load (a verifier rejection on a newer
+    // kernel, a missing capability) silently loses in-kernel enforcement: say so loudly.
+    let fallback = match &probe {
+        Some(Err(e)) if e.lsm_was_active() => {
+            warn!(reason = %e, class = e.class(), "BPF-LSM is active but tier 1 does not load; falling back to tier 2");
+            Some(e.clone())
+        }
+        Some(Err(e)) => {
+            info!(reason = %e, "tier 1 unavailable; using tier 2");
+            None
+        }
+        _ => None,
     };
     let features = kernel_features(&root, lsm);
     info!(%tier, features = ?features, "kernel probed; enforcement tier chosen");
@@ -215,6 +222,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         inventory: inventory.clone(),
         bus: bus.clone(),
         kernel_features: features,
+        tier_fallback: fallback.as_ref().map(|e| e.to_string()),
         learn: learn.clone(),
     });
 
@@ -292,6 +300,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let metrics = Metrics::new(bus.clone());
     metrics.set_info(env!("CARGO_PKG_VERSION"), &tier.to_string());
+    if let Some(e) = &fallback {
+        metrics.set_tier_fallback(e.class());
+        let mut ev = Event::agent(
+            Kind::Agent,
+            Verdict::Violation,
+            format!("tier 1 unavailable although BPF-LSM is active, running tier 2: {e}"),
+        );
+        ev.flags = vec!["tier_fallback".into(), e.class().into()];
+        bus.publish(ev);
+    }
     tasks.spawn(control::refresh_gauges(
         ctl.clone(),
         metrics.clone(),
