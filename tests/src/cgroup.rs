@@ -32,6 +32,12 @@ impl TestCgroup {
     /// Spawn `cmd` inside this cgroup: the child moves itself in before `exec`, so the exec
     /// itself is already policed.
     pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        self.enter_before_exec(cmd).spawn()
+    }
+
+    /// Make `cmd`'s child move itself into this cgroup before `exec` (before any later
+    /// `pre_exec` step, which may leave the host's mount namespace).
+    pub fn enter_before_exec<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         let procs = self.dir.join("cgroup.procs");
         // SAFETY: only async-signal-safe work after fork (open/write/close via std::fs is
         // a plain syscall sequence here; no allocation happens before the path is prebuilt).
@@ -49,8 +55,7 @@ impl TestCgroup {
                 }
                 Ok(())
             })
-        };
-        cmd.spawn()
+        }
     }
 
     pub fn path(&self) -> &Path {

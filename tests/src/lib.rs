@@ -3,3 +3,4 @@ pub mod agent;
 pub mod cgroup;
 pub mod docker;
 pub mod events;
+pub mod jail;

@@ -75,8 +75,15 @@ impl Selector {
             && self
                 .cgroup_path
                 .as_ref()
-                .is_none_or(|c| *c == meta.cgroup_path)
+                .is_none_or(|c| in_subtree(&meta.cgroup_path, c))
     }
+}
+
+/// `path` is the cgroup `root` or one below it: a workload that creates a child cgroup (it may,
+/// with a delegated or writable cgroupfs) stays under its policy.
+fn in_subtree(path: &str, root: &str) -> bool {
+    let root = root.trim_end_matches('/');
+    path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
 }
 
 impl Policy {

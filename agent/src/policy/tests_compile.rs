@@ -291,7 +291,13 @@ fn selectors() {
     .unwrap()[0];
     m.cgroup_path = "/palisade-test/x".into();
     assert!(by_path.matches(&m));
+    // A sub-cgroup stays under its ancestor's policy (no escape by mkdir); a sibling with the
+    // same prefix does not match.
     m.cgroup_path = "/palisade-test/x/y".into();
+    assert!(by_path.matches(&m));
+    m.cgroup_path = "/palisade-test/xy".into();
+    assert!(!by_path.matches(&m));
+    m.cgroup_path = "/palisade-test".into();
     assert!(!by_path.matches(&m));
     assert!(glob_match("web-?", "web-1") && !glob_match("web-?", "web-12"));
     assert!(glob_match("*a*b", "xxaxxb") && !glob_match("*a*b", "xxaxxbc"));
