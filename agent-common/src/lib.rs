@@ -28,6 +28,9 @@ pub const MAP_EVENTS: &str = "PAL_EVENTS";
 pub const MAP_SEEN: &str = "PAL_SEEN";
 /// `HashMap<InodeKey, u32>`: tier-2 exec backstop, images the agent allowed (value: ruleset).
 pub const MAP_EXEC_INODES: &str = "PAL_EXEC_INODES";
+/// `LruHashMap<u32, OpenIntent>`: tier 2, the open flags of each policed thread's open syscall
+/// in progress (tid → flags), recorded by the kernel at syscall entry and removed at its exit.
+pub const MAP_OPEN_INTENT: &str = "PAL_OPEN_INTENT";
 /// `PerCpuArray<u64>` of counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "PAL_STATS";
 
@@ -76,6 +79,9 @@ pub const CAP_FILE_RULES: u32 = 65536;
 pub const CAP_NET_RULES: u32 = 16384;
 pub const CAP_SEEN: u32 = 65536;
 pub const CAP_EXEC_INODES: u32 = 65536;
+/// Threads of policed containers inside an open syscall at once (LRU: an evicted entry makes
+/// the open's mode unknown, which fails closed as a write).
+pub const CAP_OPEN_INTENT: u32 = 16384;
 
 // ---------------------------------------------------------------------------------------------
 // Sizes.
@@ -247,6 +253,24 @@ pub struct InodeKey {
     pub ino: u64,
 }
 
+/// Value of `PAL_OPEN_INTENT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenIntent {
+    /// `open(2)` flags as the kernel received them.
+    pub flags: u64,
+    /// `INTENT_*`: where the flags came from.
+    pub source: u32,
+    pub _pad: u32,
+}
+
+/// Flags from a syscall register (`open`, `openat`, `creat`, `open_by_handle_at`): exactly
+/// what the kernel uses; no other thread can change them.
+pub const INTENT_REGISTER: u32 = 1;
+/// Flags read from the caller's memory at entry (`openat2`'s `struct open_how`): another
+/// thread can change them before the kernel copies them.
+pub const INTENT_USER_MEMORY: u32 = 2;
+
 /// Kernel-internal `dev_t` (major << 20 | minor) from a userspace `st_dev`.
 pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | minor
@@ -310,6 +334,7 @@ mod pod {
     unsafe impl aya::Pod for NetRule {}
     unsafe impl aya::Pod for SeenKey {}
     unsafe impl aya::Pod for InodeKey {}
+    unsafe impl aya::Pod for OpenIntent {}
     unsafe impl aya::Pod for Event {}
 }
 

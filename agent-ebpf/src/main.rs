@@ -13,6 +13,7 @@ mod maps;
 mod net;
 mod offsets;
 mod open;
+mod open_intent;
 mod path;
 mod ret;
 mod sched_exec;

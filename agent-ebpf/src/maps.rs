@@ -1,8 +1,8 @@
 //! Every map the programs share. Names and value types come from `agent-common`.
 use agent_common::{
     CAP_CGROUPS, CAP_EXEC_INODES, CAP_EXEC_RULES, CAP_FILE_RULES, CAP_NET_RULES, CAP_PENDING,
-    CAP_SEEN, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PATH_KEY_DATA,
-    PathKeyData, PathRule, STAT_COUNT, SeenKey,
+    CAP_OPEN_INTENT, CAP_SEEN, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PATH_KEY_DATA,
+    OpenIntent, PathKeyData, PathRule, STAT_COUNT, SeenKey,
 };
 use aya_ebpf::{
     macros::map,
@@ -26,6 +26,10 @@ pub static FILE_RULES: LpmTrie<PathKeyData, PathRule> =
 
 #[map(name = "PAL_NET_RULES")]
 pub static NET_RULES: LpmTrie<NetKeyData, NetRule> = LpmTrie::with_max_entries(CAP_NET_RULES, 0);
+
+#[map(name = "PAL_OPEN_INTENT")]
+pub static OPEN_INTENT: LruHashMap<u32, OpenIntent> =
+    LruHashMap::with_max_entries(CAP_OPEN_INTENT, 0);
 
 #[map(name = "PAL_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);

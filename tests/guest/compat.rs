@@ -72,9 +72,15 @@ fn compat_tier_kernel_machinery() {
 
     let agent = Agent::start("compat", &["--enforcer", "compat", "--no-discovery"]).unwrap();
     let status = agent.cli(&["status"]).unwrap();
-    assert!(out(&status).contains("tier:      compat"), "{}", out(&status));
+    assert!(
+        out(&status).contains("tier:      compat"),
+        "{}",
+        out(&status)
+    );
     let cg = TestCgroup::new("compat").unwrap();
-    agent.write_policy("compat.yaml", &policy(&cg.rel, port)).unwrap();
+    agent
+        .write_policy("compat.yaml", &policy(&cg.rel, port))
+        .unwrap();
     jail.start(&cg).unwrap();
     let run = |argv: &[&str]| jail.spawn(&cg, argv).unwrap().wait_with_output().unwrap();
 
@@ -114,21 +120,31 @@ fn compat_tier_kernel_machinery() {
         r.as_ref().map_or(true, |o| !o.status.success()),
         "denied exec succeeded: {r:?}"
     );
-    assert!(!jail.host_path("/tmp/denied-ran").exists(), "denied binary ran");
+    assert!(
+        !jail.host_path("/tmp/denied-ran").exists(),
+        "denied binary ran"
+    );
     event(&agent, from, "exec denied", |e| {
         e["kind"] == "exec" && e["verdict"] == "denied"
     });
 
     // Backstop: a fileless image is killed in the kernel before its first instruction.
     let from = agent.event_count();
-    let o = run(&["/bin/memfd_exec", "/bin/busybox", "touch", "/tmp/fileless-ran"]);
+    let o = run(&[
+        "/bin/memfd_exec",
+        "/bin/busybox",
+        "touch",
+        "/tmp/fileless-ran",
+    ]);
     assert!(!o.status.success(), "fileless exec: {}", out(&o));
     assert!(
         !jail.host_path("/tmp/fileless-ran").exists(),
         "fileless image ran"
     );
     event(&agent, from, "fileless exec denied", |e| {
-        e["kind"] == "exec" && e["verdict"] == "denied" && e["flags"].to_string().contains("fileless")
+        e["kind"] == "exec"
+            && e["verdict"] == "denied"
+            && e["flags"].to_string().contains("fileless")
     });
 
     // cgroup sock_addr hooks: egress by destination.

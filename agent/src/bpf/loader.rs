@@ -11,7 +11,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError,
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError, TracePoint,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
     },
@@ -85,6 +85,7 @@ pub struct Maps {
     pub file_rules: LpmTrie<MapData, PathKeyData, PathRule>,
     pub net_rules: LpmTrie<MapData, NetKeyData, NetRule>,
     pub exec_inodes: HashMap<MapData, InodeKey, u32>,
+    pub open_intent: HashMap<MapData, u32, abi::OpenIntent>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -146,6 +147,52 @@ pub(super) fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
+/// Tier 2: record each policed open's flags in the kernel (`open_intent.rs`). Not pinned: while
+/// no agent runs, fanotify events wait anyway, and an open without an entry fails closed.
+fn attach_open_intent(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    ensure_tracefs();
+    let err = |name| move |source| LoadError::Program { name, source };
+    for &(name, syscall) in OPEN_INTENT_PROGRAMS {
+        let p: &mut TracePoint = program(ebpf, name)?;
+        p.load().map_err(err(name))?;
+        p.attach("syscalls", &format!("sys_enter_{syscall}"))
+            .map_err(err(name))?;
+    }
+    let exit: &mut TracePoint = program(ebpf, "sys_exit_open_any")?;
+    exit.load().map_err(err("sys_exit_open_any"))?;
+    for &(_, syscall) in OPEN_INTENT_PROGRAMS {
+        exit.attach("syscalls", &format!("sys_exit_{syscall}"))
+            .map_err(err("sys_exit_open_any"))?;
+    }
+    Ok(())
+}
+
+/// Syscall tracepoints are found through tracefs, which is often not mounted.
+fn ensure_tracefs() {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").exists() {
+        return;
+    }
+    if let Err(e) = nix::mount::mount(
+        Some("tracefs"),
+        dir,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        debug!(error = %e, "mounting tracefs");
+    }
+}
+
+/// (program, syscall) of the open-intent recorders.
+const OPEN_INTENT_PROGRAMS: &[(&str, &str)] = &[
+    ("sys_enter_open", "open"),
+    ("sys_enter_openat", "openat"),
+    ("sys_enter_openat2", "openat2"),
+    ("sys_enter_creat", "creat"),
+    ("sys_enter_open_by_handle_at", "open_by_handle_at"),
+];
+
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -203,6 +250,7 @@ impl Loaded {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(err(name))?;
             }
+            attach_open_intent(&mut ebpf)?;
         }
         for name in ["sched_process_exec", "cgroup_mkdir", "cgroup_rmdir"] {
             attach_global!(BtfTracePoint, name, name);
@@ -214,6 +262,7 @@ impl Loaded {
             file_rules: take(&mut ebpf, abi::MAP_FILE_RULES)?,
             net_rules: take(&mut ebpf, abi::MAP_NET_RULES)?,
             exec_inodes: take(&mut ebpf, abi::MAP_EXEC_INODES)?,
+            open_intent: take(&mut ebpf, abi::MAP_OPEN_INTENT)?,
             stats: take(&mut ebpf, abi::MAP_STATS)?,
         };
         let ring = take(&mut ebpf, abi::MAP_EVENTS)?;

@@ -46,11 +46,26 @@ impl LsmUnavailable {
     }
 }
 
-/// The active LSMs, if securityfs shows them.
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+/// The active LSMs from securityfs, mounting it when it is not (it often is not).
 pub fn active_lsms() -> Option<String> {
-    std::fs::read_to_string("/sys/kernel/security/lsm")
-        .ok()
-        .map(|s| s.trim().to_string())
+    let read = || {
+        std::fs::read_to_string(LSM_LIST)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    read().or_else(|| {
+        nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .ok()?;
+        read()
+    })
 }
 
 /// Capabilities tier 1 needs that this process lacks (from `CapEff` in /proc/self/status).
@@ -117,9 +132,10 @@ pub fn lsm() -> Result<(), LsmUnavailable> {
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(LsmUnavailable::NoBtf);
     }
-    if let Some(active) = active_lsms()
-        && !active.split(',').any(|l| l == "bpf")
-    {
+    // An LSM program loads and attaches even where BPF-LSM is not active, and then never
+    // runs: without the list, tier 1 cannot be trusted.
+    let active = active_lsms().unwrap_or_else(|| "unknown (securityfs unavailable)".into());
+    if !active.split(',').any(|l| l == "bpf") {
         return Err(LsmUnavailable::NotActive(active));
     }
     let missing = missing_capabilities();

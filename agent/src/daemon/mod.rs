@@ -190,6 +190,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 dir,
                 snapshot.clone(),
                 rules.exec_inodes.clone(),
+                rules.open_intent.clone(),
                 report,
             )?)
         }

@@ -15,7 +15,8 @@ use tracing::{debug, warn};
 use super::{
     Backend, EnforceError,
     fanotify::{self, Decider, DecisionThread, Group, MarkSet, Request, Verdict},
-    rules::ExecInodes,
+    fanotify::Caller,
+    rules::{ExecInodes, OpenIntents},
     snapshot::{self, SharedSnapshot},
 };
 use crate::{
@@ -48,6 +49,7 @@ impl CompatBackend {
         state_dir: Option<&Path>,
         snapshot: SharedSnapshot,
         exec_inodes: ExecInodes,
+        open_intent: OpenIntents,
         report: Reporter,
     ) -> Result<Self, EnforceError> {
         let exec_inodes = AllowedInodes::new(exec_inodes);
@@ -57,6 +59,7 @@ impl CompatBackend {
                 let decider = Arc::new(PolicyDecider {
                     snapshot: snapshot.clone(),
                     exec_inodes: exec_inodes.clone(),
+                    open_intent,
                     report: report.clone(),
                     learned: Mutex::new(HashSet::new()),
                 });
@@ -344,12 +347,23 @@ impl Backend for CompatBackend {
 struct PolicyDecider {
     snapshot: SharedSnapshot,
     exec_inodes: AllowedInodes,
+    open_intent: OpenIntents,
     report: Reporter,
     /// Learn mode: (ruleset, kind, path) already reported.
     learned: Mutex<HashSet<(u32, u8, Vec<u8>)>>,
 }
 
 impl Decider for PolicyDecider {
+    /// The open flags the kernel recorded at syscall entry (`open_intent.rs`); none (not an
+    /// open syscall, io_uring, an evicted entry) is unknown, which is judged as a write.
+    fn caller(&self, tid: i32) -> Caller {
+        let m = self.open_intent.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(&(tid as u32), 0) {
+            Ok(i) => Caller::Open { flags: i.flags },
+            Err(_) => Caller::Unknown,
+        }
+    }
+
     fn decide(&self, req: &Request) -> Verdict {
         let Some(b) = snapshot::binding(&self.snapshot, req.cgroup_id) else {
             // Not a policed process (e.g. the host touching a container's files). Never cached:

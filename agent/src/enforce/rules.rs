@@ -17,6 +17,9 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> EnforceError {
 /// Allowed exec images (tier-2 backstop), shared with the fanotify decision thread.
 pub type ExecInodes = Arc<Mutex<HashMap<MapData, InodeKey, u32>>>;
 
+/// Open flags of policed threads in an open syscall (tier 2), read by the fanotify decider.
+pub type OpenIntents = Arc<Mutex<HashMap<MapData, u32, abi::OpenIntent>>>;
+
 /// The maps without the exec-inode map, which moves behind its own lock.
 struct Tables {
     cgroups: HashMap<MapData, u64, CgroupPolicy>,
@@ -30,6 +33,7 @@ struct Tables {
 pub struct RuleMaps {
     maps: Tables,
     pub exec_inodes: ExecInodes,
+    pub open_intent: OpenIntents,
 }
 
 /// Cgroup path → the fixed-size key of `PAL_PENDING` (as the kernel's `cgroup_mkdir`
@@ -53,6 +57,7 @@ impl RuleMaps {
             file_rules,
             net_rules,
             exec_inodes,
+            open_intent,
             stats,
         } = maps;
         RuleMaps {
@@ -65,6 +70,7 @@ impl RuleMaps {
                 stats,
             },
             exec_inodes: Arc::new(Mutex::new(exec_inodes)),
+            open_intent: Arc::new(Mutex::new(open_intent)),
         }
     }
 

@@ -177,7 +177,7 @@ impl Loop {
                     Some((d, i, at)) if (d, i) == (dev, ino) && at.elapsed() < COMPANION_TTL => {
                         Caller::Exec
                     }
-                    _ => procinfo::caller(tid),
+                    _ => self.decider.caller(tid),
                 };
                 if caller == Caller::Exec {
                     // Second half of an exec whose EXEC_PERM was allowed (or ignore-cached).

@@ -26,6 +26,7 @@ mod group;
 pub mod holder;
 mod marks;
 mod procinfo;
+pub use procinfo::Caller;
 mod sys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +91,14 @@ impl Verdict {
 /// waiting for its own answer).
 pub trait Decider: Send + Sync {
     fn decide(&self, req: &Request) -> Verdict;
+
+    /// What the blocked thread `tid` is doing (its open flags). The agent's decider answers
+    /// from the kernel's record (`PAL_OPEN_INTENT`); this default, which reads
+    /// `/proc/<tid>/syscall` and the caller's memory, is only for harnesses without the eBPF
+    /// object (the caller can change what it shows).
+    fn caller(&self, tid: i32) -> Caller {
+        procinfo::caller(tid)
+    }
 }
 
 impl<F: Fn(&Request) -> Verdict + Send + Sync> Decider for F {
