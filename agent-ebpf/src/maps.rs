@@ -1,8 +1,8 @@
 //! Every map the programs share. Names and value types come from `agent-common`.
 use agent_common::{
-    CAP_CGROUPS, CAP_EXEC_INODES, CAP_EXEC_RULES, CAP_FILE_RULES, CAP_NET_RULES, CAP_PENDING,
-    CAP_OPEN_INTENT, CAP_SEEN, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, PATH_KEY_DATA,
-    OpenIntent, PathKeyData, PathRule, STAT_COUNT, SeenKey,
+    CAP_CGROUPS, CAP_EXEC_INODES, CAP_EXEC_RULES, CAP_FILE_RULES, CAP_NET_RULES, CAP_OPEN_INTENT,
+    CAP_PENDING, CAP_SEEN, CgroupPathKey, CgroupPolicy, InodeKey, NetKeyData, NetRule, OpenIntent,
+    PATH_KEY_DATA, PathKeyData, PathRule, STAT_COUNT, SeenKey,
 };
 use aya_ebpf::{
     macros::map,

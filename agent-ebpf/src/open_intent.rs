@@ -9,7 +9,9 @@
 //! then each argument as 8 bytes from offset 16.
 use agent_common::{INTENT_REGISTER, INTENT_USER_MEMORY, OpenIntent};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_current_cgroup_id},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_current_cgroup_id,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };

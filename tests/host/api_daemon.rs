@@ -473,8 +473,27 @@ fn cli_lists_gets_switches_modes_and_deletes_against_the_daemon() {
 
 /// `auto` on a node where BPF-LSM is active either runs tier 1 or says loudly why not: the
 /// status line, the metric and an event (these CI hosts list `bpf` but refuse trampolines).
-fn assert_tier_choice_is_explained(agent: &palisade_tests::agent::Agent, port: u16) {
-    let status = cli_ok(agent, &["status"]);
+#[test]
+fn auto_tier_choice_is_explained() {
+    let _lock = lock();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = palisade_tests::agent::Agent::start(
+        "apid-auto",
+        &[
+            "--enforcer",
+            "auto",
+            "--no-discovery",
+            "--metrics-addr",
+            &metrics,
+        ],
+    )
+    .unwrap();
+    let status = cli_ok(&agent, &["status"]);
     // The agent mounted securityfs if it was not, to read the active LSMs.
     let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
     if status.contains("tier:      lsm") || !lsms.split(',').any(|l| l.trim() == "bpf") {
@@ -486,7 +505,7 @@ fn assert_tier_choice_is_explained(agent: &palisade_tests::agent::Agent, port: u
         .find(|l| l.starts_with("fallback:"))
         .unwrap_or_else(|| panic!("tier 2 on a BPF-LSM node without a reason: {status}"));
     assert!(line.contains("BPF-LSM program"), "{line}");
-    let ev = wait_for(agent, 0, |e| {
+    let ev = wait_for(&agent, 0, |e| {
         e["kind"] == "agent" && e["flags"].to_string().contains("tier_fallback")
     });
     assert_eq!(ev["verdict"], "violation", "{ev}");
@@ -508,7 +527,6 @@ fn metrics_health_and_gauges_from_the_daemon() {
     );
     assert_eq!(http_get(port, "/healthz"), (200, "ok\n".into()));
     assert_eq!(http_get(port, "/readyz"), (200, "ready\n".into()));
-    assert_tier_choice_is_explained(&agent, port);
 
     apply(&agent, &fx.file("web.yaml", &fx.good("enforce")));
     let a = fx.container("pal-met");

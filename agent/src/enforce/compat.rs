@@ -14,8 +14,8 @@ use tracing::{debug, warn};
 
 use super::{
     Backend, EnforceError,
-    fanotify::{self, Decider, DecisionThread, Group, MarkSet, Request, Verdict},
     fanotify::Caller,
+    fanotify::{self, Decider, DecisionThread, Group, MarkSet, Request, Verdict},
     rules::{ExecInodes, OpenIntents},
     snapshot::{self, SharedSnapshot},
 };
