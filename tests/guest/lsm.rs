@@ -323,3 +323,26 @@ fn lsm_tier_behaviour_table() {
         .count();
     assert_eq!(n, 1, "one learned observation for three reads");
 }
+
+#[test]
+#[ignore = "runs in the QEMU guest with BPF-LSM (cargo xtask guest)"]
+fn auto_picks_tier_1_where_every_program_loads() {
+    let _lock = AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // The default enforcer: the probe loads every tier-1 program of the object on this kernel.
+    let agent = Agent::start("auto", &["--no-discovery"]).unwrap();
+    let o = agent.cli(&["status"]).unwrap();
+    let status = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        status.contains("tier:      lsm"),
+        "{status}\n{}",
+        agent.log()
+    );
+    assert!(!status.contains("fallback:"), "{status}");
+    assert!(
+        !agent
+            .events()
+            .iter()
+            .any(|e| e["flags"].to_string().contains("tier_fallback")),
+        "no fallback event"
+    );
+}
