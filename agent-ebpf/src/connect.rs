@@ -42,7 +42,7 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
         return 0;
     }
     let Ok(name) = (unsafe { read::<*const u8>(msg, get::OFF_MSGHDR_MSG_NAME()) }) else {
-        return ret::verdict(decide::judge(&sub.pol, false).1);
+        return decide::fail_closed(&sub);
     };
     if name.is_null() {
         // Connected UDP: its destination was policed at connect.

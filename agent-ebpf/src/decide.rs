@@ -99,6 +99,13 @@ pub fn judge(pol: &CgroupPolicy, allowed: bool) -> (u8, bool) {
     }
 }
 
+/// The LSM verdict when the input could not be read (no scratch space, unreadable message):
+/// what the mode makes of "not allowed".
+#[inline(always)]
+pub fn fail_closed(sub: &Subject) -> i32 {
+    crate::ret::verdict(judge(&sub.pol, false).1)
+}
+
 /// Longest-prefix lookup of the path in `s` (resolved by `path::resolve`, `len` with NUL).
 #[inline(always)]
 pub fn lookup_path(

@@ -26,7 +26,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // SAFETY: direct loads from trusted BTF pointers at BTF-derived offsets.
     let file = unsafe { *(bprm.add(get::OFF_BPRM_FILE()) as *const *const u8) };
     let Some(s) = scratch() else {
-        return fail_closed(&sub);
+        return decide::fail_closed(&sub);
     };
     let f_path = unsafe { file.add(get::OFF_FILE_F_PATH()) };
     let mut r = Report {
@@ -58,9 +58,4 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
         }
     };
     decide::conclude(&sub, s, r, allowed, len)
-}
-
-#[inline(always)]
-fn fail_closed(sub: &decide::Subject) -> i32 {
-    crate::ret::verdict(decide::judge(&sub.pol, false).1)
 }

@@ -44,7 +44,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         access = ACC_READ;
     }
     let Some(s) = scratch() else {
-        return crate::ret::verdict(decide::judge(&sub.pol, false).1);
+        return decide::fail_closed(&sub);
     };
     let f_path = unsafe { file.add(get::OFF_FILE_F_PATH()) };
     let mut r = Report {
