@@ -120,6 +120,10 @@ pub const CONTAINER: u8 = 16;
 /// sets it, the exec backstop stops every exec of the cgroup for the agent (which marks the
 /// mounts first), so no exec or open runs unmarked.
 pub const MARKED: u8 = 32;
+/// `CgroupPolicy::flags`: the policy lets the workload create user or mount namespaces and
+/// chroot (`exec.allowNamespaces`). Without it, a policed workload that tries is denied in
+/// enforce: a new namespace or root is a way around path-based exec and file rules.
+pub const ALLOW_NAMESPACES: u8 = 64;
 
 /// Access bits (`PathRule::allow`, `Event::access`).
 pub const ACC_EXEC: u8 = 1;
@@ -135,6 +139,14 @@ pub const KIND_OPEN: u8 = 2;
 pub const KIND_CONNECT: u8 = 3;
 /// A pending policy was bound to a new cgroup by the `cgroup_mkdir` hook.
 pub const KIND_CGROUP_BOUND: u8 = 4;
+/// A policed workload tried to create a namespace or change its root; `Event::access` is the
+/// `NS_OP_*`.
+pub const KIND_NAMESPACE: u8 = 5;
+
+/// `Event::access` of a `KIND_NAMESPACE` event.
+pub const NS_OP_USERNS: u8 = 1;
+pub const NS_OP_MOUNTNS: u8 = 2;
+pub const NS_OP_CHROOT: u8 = 3;
 
 /// Allowed by the rules (only exec audit events carry it).
 pub const VERDICT_ALLOWED: u8 = 1;

@@ -1,9 +1,10 @@
 //! The decision and reporting logic every hook shares: which policy applies, what the mode
 //! makes of a rule verdict, learn-mode de-duplication, and event emission.
 use agent_common::{
-    CONTAINER, CgroupPolicy, Event, MODE_ENFORCE, MODE_LEARN, MODE_MONITOR, PATH_MAX, PathKeyData,
-    PathRule, RULESET_BYTES, STAT_DENIED, STAT_LEARN_DUPES, STAT_RINGBUF_DROPS, STAT_VIOLATIONS,
-    SeenKey, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_LEARNED, VERDICT_VIOLATION,
+    ALLOW_NAMESPACES, CONTAINER, CgroupPolicy, Event, KIND_NAMESPACE, MODE_ENFORCE, MODE_LEARN,
+    MODE_MONITOR, PATH_MAX, POLICE_EXEC, POLICE_FILES, PathKeyData, PathRule, RULESET_BYTES,
+    STAT_DENIED, STAT_LEARN_DUPES, STAT_RINGBUF_DROPS, STAT_VIOLATIONS, SeenKey, VERDICT_ALLOWED,
+    VERDICT_DENIED, VERDICT_LEARNED, VERDICT_VIOLATION,
 };
 use aya_ebpf::{
     helpers::{
@@ -104,6 +105,29 @@ pub fn judge(pol: &CgroupPolicy, allowed: bool) -> (u8, bool) {
 #[inline(always)]
 pub fn fail_closed(sub: &Subject) -> i32 {
     crate::ret::verdict(judge(&sub.pol, false).1)
+}
+
+/// A policed workload is creating a user/mount namespace or changing its root (`op`:
+/// `NS_OP_*`). Policies that police exec or files deny it unless they allow namespaces: in a
+/// namespace or root of its own, a process could give any file an allowed name (bind mounts,
+/// chroot). Reports per mode; returns whether to deny. `flags` are added to a denial's event.
+#[inline(always)]
+pub fn confine(sub: &Subject, op: u8, flags: u16) -> bool {
+    let p = sub.pol.flags;
+    if p & (POLICE_EXEC | POLICE_FILES) == 0 || p & ALLOW_NAMESPACES != 0 {
+        return false;
+    }
+    let (verdict, deny) = judge(&sub.pol, false);
+    let r = Report {
+        kind: KIND_NAMESPACE,
+        verdict,
+        access: op,
+        flags: if deny { flags } else { 0 },
+        rule: u32::MAX,
+        ..Default::default()
+    };
+    emit(sub, &r, core::ptr::null());
+    deny
 }
 
 /// Longest-prefix lookup of the path in `s` (resolved by `path::resolve`, `len` with NUL).

@@ -29,7 +29,7 @@ spec:
   selector:
     cgroupPath: {cgroup}
   exec:
-    allow: [/bin/busybox, /bin/net_probe, /bin/memfd_exec]
+    allow: [/bin/busybox, /bin/net_probe, /bin/memfd_exec, /bin/ns_escape]
   files:
     - {{path: /, access: read}}
     - {{path: /tmp/, access: any}}
@@ -65,7 +65,11 @@ fn compat_tier_kernel_machinery() {
     let denied = TcpListener::bind("127.0.0.1:0").unwrap();
     let pd = denied.local_addr().unwrap().port();
 
-    let mut jail = Jail::new("compat", &["/bin/net_probe", "/bin/memfd_exec"]).unwrap();
+    let mut jail = Jail::new(
+        "compat",
+        &["/bin/net_probe", "/bin/memfd_exec", "/bin/ns_escape"],
+    )
+    .unwrap();
     std::fs::copy("/bin/busybox", jail.host_path("/bin/denied")).unwrap();
     std::fs::write(jail.host_path("/ok.txt"), "ok\n").unwrap();
     std::fs::write(jail.host_path("/secret.txt"), "secret\n").unwrap();
@@ -146,6 +150,36 @@ fn compat_tier_kernel_machinery() {
             && e["verdict"] == "denied"
             && e["flags"].to_string().contains("fileless")
     });
+
+    // No namespace or root of its own: the caller is killed at syscall entry, before the
+    // namespace or the child exists.
+    for how in ["unshare", "clone", "clone3", "chroot"] {
+        let marker = if how == "chroot" {
+            "/ns-chroot".to_string() // resolved inside the new root, /tmp
+        } else {
+            format!("/tmp/ns-{how}")
+        };
+        let from = agent.event_count();
+        let o = run(&["/bin/ns_escape", how, &marker]);
+        assert!(!out(&o).contains("escaped"), "{how}: {}", out(&o));
+        assert!(
+            std::os::unix::process::ExitStatusExt::signal(&o.status) == Some(9),
+            "{how}: not killed: {:?} {}",
+            o.status,
+            out(&o)
+        );
+        assert!(
+            !jail.host_path(&format!("/tmp/ns-{how}")).exists(),
+            "{how}: marker created"
+        );
+        let op = if how == "chroot" { "chroot" } else { "userns" };
+        event(&agent, from, "namespace denied", |e| {
+            e["kind"] == "namespace"
+                && e["verdict"] == "denied"
+                && e["access"] == op
+                && e["flags"].to_string().contains("killed")
+        });
+    }
 
     // cgroup sock_addr hooks: egress by destination.
     let probe = |cg: &TestCgroup, p: u16| {

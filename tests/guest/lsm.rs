@@ -30,7 +30,7 @@ spec:
   selector:
     cgroupPath: {cgroup}
   exec:
-    allow: [/bin/busybox, /bin/memfd_exec, /bin/net_probe]
+    allow: [/bin/busybox, /bin/memfd_exec, /bin/net_probe, /bin/ns_escape]
   files:
     - {{path: /, access: read}}
     - {{path: /dev/, access: any}}
@@ -104,6 +104,10 @@ fn setup_files() {
     std::fs::write(format!("{T}/sub/file"), "sub\n").unwrap();
     std::fs::write("/tmp/outside.txt", "outside\n").unwrap();
     std::fs::copy("/bin/busybox", format!("{T}/denied-bin")).unwrap();
+    // An allowed name inside a would-be chroot: /tmp/t/bin/busybox is /bin/busybox after
+    // `chroot /tmp/t`, and /tmp/t/secret.txt is /secret.txt.
+    std::fs::create_dir_all(format!("{T}/bin")).unwrap();
+    std::fs::copy("/bin/busybox", format!("{T}/bin/busybox")).unwrap();
     std::os::unix::fs::symlink(format!("{T}/denied-bin"), format!("{T}/link")).unwrap();
     // A path longer than the kernel key (252 bytes with its NUL).
     let mut long = format!("{T}/long");
@@ -258,6 +262,44 @@ fn lsm_tier_behaviour_table() {
             g.event(from, "connect", "denied", |e| e["port"] == p);
         }
     }
+
+    // No namespace or root of its own, where a forbidden file could take an allowed name:
+    // user+mount namespace by unshare, clone and clone3, and chroot. Denied before it exists.
+    for how in ["unshare", "clone", "clone3", "chroot"] {
+        // For chroot the marker path is resolved inside the new root (/tmp).
+        let marker = if how == "chroot" {
+            "/t/ns-chroot".to_string()
+        } else {
+            format!("{T}/ns-{how}")
+        };
+        let from = g.agent.event_count();
+        let o = g.run(&["/bin/ns_escape", how, &marker]).unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!out.contains("escaped"), "{how}: {out}");
+        assert!(!o.status.success(), "{how}: {out}");
+        assert!(
+            !std::path::Path::new(&format!("{T}/ns-{how}")).exists(),
+            "{how}: marker created"
+        );
+        let op = if how == "chroot" { "chroot" } else { "userns" };
+        let ev = g.event(from, "namespace", "denied", |e| e["access"] == op);
+        assert_eq!(ev["source"], "lsm", "{ev}");
+    }
+    // The chroot attack itself: the secret, read under an allowed name.
+    let o = g
+        .run(&[
+            "/bin/busybox",
+            "chroot",
+            T,
+            "/bin/busybox",
+            "cat",
+            "/secret.txt",
+        ])
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("secret"),
+        "read through chroot"
+    );
 
     // Processes outside the policy's cgroup are unaffected.
     assert_eq!(

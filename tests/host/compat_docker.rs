@@ -29,13 +29,20 @@ impl Fixture {
         std::fs::write(dir.join("secret.txt"), "root-secret\n").unwrap();
         build_program("memfd_exec", &dir).unwrap();
         build_program("net_probe", &dir).unwrap();
+        build_program("ns_escape", &dir).unwrap();
         Fixture { dir }
     }
 
     /// `docker create` + copy the fixtures in + `docker start`.
     fn container(&self, name: &str, labels: &[(&str, &str)]) -> Container {
+        self.container_with(name, labels, &[])
+    }
+
+    /// [`Fixture::container`] with extra `docker create` arguments.
+    fn container_with(&self, name: &str, labels: &[(&str, &str)], extra: &[&str]) -> Container {
         let data = format!("{}:/data:ro", self.dir.join("data").display());
         let mut args: Vec<String> = vec!["--network".into(), "host".into(), "-v".into(), data];
+        args.extend(extra.iter().map(|a| a.to_string()));
         for (k, v) in labels {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
@@ -47,6 +54,7 @@ impl Fixture {
             ("secret.txt", "/secret.txt"),
             ("memfd_exec", "/memfd_exec"),
             ("net_probe", "/net_probe"),
+            ("ns_escape", "/ns_escape"),
         ] {
             docker(&[
                 "cp",
@@ -78,7 +86,7 @@ spec:
   selector:
     labels: {{palisade.test: "{label}"}}
   exec:
-    allow: [/bin/busybox, /memfd_exec, /net_probe]
+    allow: [/bin/busybox, /memfd_exec, /net_probe, /ns_escape]
   files:
     - {{path: /, access: read}}
     - {{path: /tmp/, access: any}}
@@ -375,4 +383,68 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
             .trim(),
         "ok"
     );
+}
+
+/// An attacker under Kubernetes' default profile (no seccomp) enters a user+mount namespace of
+/// its own — where per-mount marks do not reach and a bind mount gives the secret an allowed
+/// name — or a root of its own. The caller is killed at syscall entry: the marker is never
+/// created, the secret never read, and each attempt is reported.
+#[test]
+fn compat_tier_keeps_the_workload_in_its_namespaces() {
+    let _lock = exclusive();
+    ensure_docker().unwrap();
+    let fx = Fixture::new();
+    let agent = Agent::start("nsesc", &["--enforcer", "compat"]).unwrap();
+    let label = unique_name("nsesc");
+    let pname = format!("nsesc-{}", std::process::id());
+    agent
+        .write_policy("nsesc.yaml", &policy(&pname, &label, "enforce", 1, 1))
+        .unwrap();
+    let c = fx.container_with(
+        &unique_name("pal-nsesc"),
+        &[("palisade.test", &label)],
+        &["--security-opt", "seccomp=unconfined"],
+    );
+    agent.wait_bound(&c.id, &pname);
+    assert_ne!(c.exec(&["cat", "/secret.txt"]).0, 0, "policy in force");
+
+    for how in ["unshare", "clone", "clone3", "chroot"] {
+        let marker = if how == "chroot" {
+            "/ns-chroot".to_string() // resolved inside the new root, /tmp
+        } else {
+            format!("/tmp/ns-{how}")
+        };
+        let from = agent.event_count();
+        let (rc, out, err) = c.exec(&["/ns_escape", how, &marker]);
+        assert!(!out.contains("escaped"), "{how}: {out}{err}");
+        assert_eq!(rc, 137, "{how}: not killed: {out}{err}");
+        assert_ne!(
+            c.exec(&["test", "-e", &format!("/tmp/ns-{how}")]).0,
+            0,
+            "{how}: marker created"
+        );
+        let op = if how == "chroot" { "chroot" } else { "userns" };
+        let ev = agent
+            .wait_event_from(from, Duration::from_secs(5), |e| {
+                e["kind"] == "namespace" && e["verdict"] == "denied" && e["access"] == op
+            })
+            .unwrap_or_else(|| panic!("{how}: no namespace event"));
+        assert!(ev["flags"].to_string().contains("killed"), "{ev}");
+        assert_eq!(container_name(&ev), Some(c.name.as_str()), "{ev}");
+    }
+    // The escape the guard exists for: bind the secret over an allowed name and read it.
+    let (rc, out, _) = c.exec(&[
+        "unshare",
+        "-U",
+        "-r",
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind /secret.txt /ok.txt && cat /ok.txt",
+    ]);
+    assert!(
+        !out.contains("root-secret"),
+        "secret read through a bind mount"
+    );
+    assert_eq!(rc, 137);
 }

@@ -34,15 +34,21 @@ impl Jail {
         Ok(Jail { root, init: None })
     }
 
-    /// Start the jail's init process in `cg`: it creates the jail's mount namespace.
+    /// Start the jail's init process in `cg`: it creates the jail's mount namespace and root
+    /// first and enters the cgroup last, as runc does (the namespace set-up is the runtime's,
+    /// not the workload's: a policed workload may not create namespaces).
     pub fn start(&mut self, cg: &TestCgroup) -> std::io::Result<()> {
         let mut cmd = Command::new("/bin/busybox");
         cmd.args(["sleep", "3600"]).env_clear();
         let root = CString::new(self.root.as_os_str().as_bytes()).expect("no NUL");
-        cg.enter_before_exec(&mut cmd);
+        let procs = procs_path(cg);
         // SAFETY: only raw syscalls after fork, on strings built before it.
         unsafe {
-            cmd.pre_exec(move || enter(&root));
+            cmd.pre_exec(move || {
+                let fd = open_procs(&procs)?;
+                enter(&root)?;
+                join_cgroup(fd)
+            });
         }
         self.init = Some(cmd.spawn()?);
         Ok(())
@@ -69,13 +75,43 @@ impl Jail {
     pub fn spawn_cmd(&self, cg: &TestCgroup, cmd: &mut Command) -> std::io::Result<Child> {
         let init = self.init.as_ref().expect("Jail::start first").id();
         let ns = CString::new(format!("/proc/{init}/ns/mnt")).expect("no NUL");
-        cg.enter_before_exec(cmd);
+        let procs = procs_path(cg);
         // SAFETY: only raw syscalls after fork, on strings built before it.
         unsafe {
-            cmd.pre_exec(move || join(&ns));
+            cmd.pre_exec(move || {
+                let fd = open_procs(&procs)?;
+                join(&ns)?;
+                join_cgroup(fd)
+            });
         }
         cmd.spawn()
     }
+}
+
+fn procs_path(cg: &TestCgroup) -> CString {
+    CString::new(cg.dir.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL")
+}
+
+/// Opened before leaving the host's mount namespace, written after.
+fn open_procs(procs: &CString) -> std::io::Result<libc::c_int> {
+    // SAFETY: a plain open of a NUL-terminated path.
+    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn join_cgroup(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: writes one byte from a static buffer to an fd we own, then closes it.
+    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    if n != 1 {
+        return Err(err);
+    }
+    Ok(())
 }
 
 /// runc's sequence, reduced: private mount namespace, the root bound onto itself, pivot_root,

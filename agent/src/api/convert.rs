@@ -22,6 +22,7 @@ pub fn kind_to_pb(k: Kind) -> pb::Kind {
         Kind::Exec => pb::Kind::Exec,
         Kind::Open => pb::Kind::Open,
         Kind::Connect => pb::Kind::Connect,
+        Kind::Namespace => pb::Kind::Namespace,
         Kind::Policy => pb::Kind::Policy,
         Kind::Agent => pb::Kind::Agent,
     }
@@ -32,6 +33,7 @@ pub fn kind_from_pb(v: i32) -> Result<Kind, ConvertError> {
         Ok(pb::Kind::Exec) => Kind::Exec,
         Ok(pb::Kind::Open) => Kind::Open,
         Ok(pb::Kind::Connect) => Kind::Connect,
+        Ok(pb::Kind::Namespace) => Kind::Namespace,
         Ok(pb::Kind::Policy) => Kind::Policy,
         Ok(pb::Kind::Agent) => Kind::Agent,
         _ => {

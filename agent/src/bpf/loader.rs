@@ -14,6 +14,7 @@ use aya::{
         BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError, TracePoint,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
+        trace_point::TracePointLinkId,
     },
 };
 use thiserror::Error;
@@ -74,6 +75,8 @@ pub(super) const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("file_open", "file_open"),
     ("socket_connect", "socket_connect"),
     ("socket_sendmsg", "socket_sendmsg"),
+    ("userns_create", "userns_create"),
+    ("path_chroot", "path_chroot"),
 ];
 const SOCK_ADDR_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
@@ -147,25 +150,42 @@ pub(super) fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Tier 2: record each policed open's flags in the kernel (`open_intent.rs`). Not pinned: while
-/// no agent runs, fanotify events wait anyway, and an open without an entry fails closed.
-fn attach_open_intent(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+/// Tier 2 syscall tracepoints: each policed open's flags (`open_intent.rs`) and the namespace
+/// guard (`ns_syscalls.rs`). Returns (pin name, program, link) of each attachment, for pinning.
+fn attach_syscall_tracepoints(
+    ebpf: &mut Ebpf,
+) -> Result<Vec<(String, &'static str, TracePointLinkId)>, LoadError> {
     ensure_tracefs();
     let err = |name| move |source| LoadError::Program { name, source };
-    for &(name, syscall) in OPEN_INTENT_PROGRAMS {
+    let mut out = Vec::new();
+    let enter = OPEN_INTENT_PROGRAMS.iter().chain(NS_PROGRAMS);
+    for &(name, syscall) in enter {
         let p: &mut TracePoint = program(ebpf, name)?;
         p.load().map_err(err(name))?;
-        p.attach("syscalls", &format!("sys_enter_{syscall}"))
+        let id = p
+            .attach("syscalls", &format!("sys_enter_{syscall}"))
             .map_err(err(name))?;
+        out.push((format!("tp-enter-{syscall}"), name, id));
     }
-    let exit: &mut TracePoint = program(ebpf, "sys_exit_open_any")?;
-    exit.load().map_err(err("sys_exit_open_any"))?;
+    let exit = "sys_exit_open_any";
+    let p: &mut TracePoint = program(ebpf, exit)?;
+    p.load().map_err(err(exit))?;
     for &(_, syscall) in OPEN_INTENT_PROGRAMS {
-        exit.attach("syscalls", &format!("sys_exit_{syscall}"))
-            .map_err(err("sys_exit_open_any"))?;
+        let id = p
+            .attach("syscalls", &format!("sys_exit_{syscall}"))
+            .map_err(err(exit))?;
+        out.push((format!("tp-exit-{syscall}"), exit, id));
     }
-    Ok(())
+    Ok(out)
 }
+
+/// Tier 2: kill a policed workload entering a namespace or root of its own (`ns_syscalls.rs`).
+const NS_PROGRAMS: &[(&str, &str)] = &[
+    ("sys_enter_unshare", "unshare"),
+    ("sys_enter_clone", "clone"),
+    ("sys_enter_clone3", "clone3"),
+    ("sys_enter_chroot", "chroot"),
+];
 
 /// Syscall tracepoints are found through tracefs, which is often not mounted.
 fn ensure_tracefs() {
@@ -250,7 +270,17 @@ impl Loaded {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(err(name))?;
             }
-            attach_open_intent(&mut ebpf)?;
+            for (pin, name, id) in attach_syscall_tracepoints(&mut ebpf)? {
+                // Pinned like the other global programs: the namespace guard and the open
+                // records must outlive an agent crash.
+                if let Some(pins) = &pins {
+                    let p: &mut TracePoint = program(&mut ebpf, name)?;
+                    let link = p.take_link(id).map_err(err(name))?;
+                    let fd = FdLink::try_from(link)
+                        .map_err(|e| LoadError::Pin(std::io::Error::other(e)))?;
+                    global.push(pins.pin(&pin, fd).map_err(LoadError::Pin)?);
+                }
+            }
         }
         for name in ["sched_process_exec", "cgroup_mkdir", "cgroup_rmdir"] {
             attach_global!(BtfTracePoint, name, name);

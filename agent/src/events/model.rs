@@ -12,6 +12,9 @@ pub enum Kind {
     Exec,
     Open,
     Connect,
+    /// A policed workload creating a user/mount namespace or changing its root (`access`:
+    /// `userns`, `mountns`, `chroot`).
+    Namespace,
     /// Policy applied / rejected / deleted / mode changed.
     Policy,
     /// Agent lifecycle, audit records, gaps.
@@ -135,6 +138,16 @@ pub fn verdict_from_abi(v: u8) -> Verdict {
         abi::VERDICT_DENIED => Verdict::Denied,
         abi::VERDICT_LEARNED => Verdict::Learned,
         _ => Verdict::Allowed,
+    }
+}
+
+/// The operation of a namespace event (`Event::access` of the kernel record).
+pub fn namespace_op(op: u8) -> &'static str {
+    match op {
+        abi::NS_OP_USERNS => "userns",
+        abi::NS_OP_MOUNTNS => "mountns",
+        abi::NS_OP_CHROOT => "chroot",
+        _ => "unknown",
     }
 }
 

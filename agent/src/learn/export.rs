@@ -153,6 +153,7 @@ fn build(base: &Policy, mode: Mode, g: &Generalized) -> Policy {
         ExecSpec {
             allow,
             allow_fileless: e.allow_fileless || g.fileless.is_some(),
+            allow_namespaces: e.allow_namespaces,
         }
     });
     let files = base.files.as_ref().map(|f| {
@@ -323,6 +324,9 @@ fn render(
             let _ = writeln!(o, "    # {}", cover_note(cv, "fileless programs ran"));
         }
         let _ = writeln!(o, "    allowFileless: {}", e.allow_fileless);
+        if e.allow_namespaces {
+            let _ = writeln!(o, "    allowNamespaces: true");
+        }
         let nbase = base.exec.as_ref().map_or(0, |b| b.allow.len());
         if e.allow.is_empty() {
             let _ = writeln!(o, "    allow: []");

@@ -3,7 +3,8 @@
 use std::net::IpAddr;
 
 use agent_common::{
-    ACC_EXEC, ALLOW_FILELESS, NET_MAX_PORTS, POLICE_EXEC, POLICE_FILES, POLICE_NET,
+    ACC_EXEC, ALLOW_FILELESS, ALLOW_NAMESPACES, NET_MAX_PORTS, POLICE_EXEC, POLICE_FILES,
+    POLICE_NET,
 };
 
 use super::error::{ErrorKind, PolicyError};
@@ -56,6 +57,9 @@ pub fn compile(policy: &Policy) -> Result<CompiledPolicy, PolicyError> {
             flags |= POLICE_EXEC;
             if e.allow_fileless {
                 flags |= ALLOW_FILELESS;
+            }
+            if e.allow_namespaces {
+                flags |= ALLOW_NAMESPACES;
             }
             let src: Vec<SrcPath<'_>> = e
                 .allow

@@ -145,6 +145,8 @@ pub enum LabelOp {
 pub struct ExecSpec {
     pub allow: Vec<ExecRule>,
     pub allow_fileless: bool,
+    /// Let the workload create user/mount namespaces and chroot (denied by default).
+    pub allow_namespaces: bool,
 }
 
 /// One exec allow-list entry: an absolute file, or a directory when it ends in `/`.

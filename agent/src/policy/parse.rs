@@ -290,7 +290,11 @@ impl Ctx<'_> {
     }
 
     fn exec(&self, node: &Node) -> Result<ExecSpec> {
-        let f = self.fields(node, "spec.exec", &["allow", "allowFileless"])?;
+        let f = self.fields(
+            node,
+            "spec.exec",
+            &["allow", "allowFileless", "allowNamespaces"],
+        )?;
         let mut out = ExecSpec::default();
         for (i, n) in self
             .seq(self.req(&f, "allow")?, "spec.exec.allow")?
@@ -304,6 +308,9 @@ impl Ctx<'_> {
         }
         if let Some(n) = f.get("allowFileless") {
             out.allow_fileless = self.boolean(n, "spec.exec.allowFileless")?;
+        }
+        if let Some(n) = f.get("allowNamespaces") {
+            out.allow_namespaces = self.boolean(n, "spec.exec.allowNamespaces")?;
         }
         Ok(out)
     }

@@ -235,11 +235,11 @@ fn unpoliced_and_empty_sections() {
         open
     );
     let c = compiled(&doc(&format!(
-        "{SEL}exec: {{allow: [], allowFileless: true}}\nfiles: []\nnetwork: {{egress: []}}"
+        "{SEL}exec: {{allow: [], allowFileless: true, allowNamespaces: true}}\nfiles: []\nnetwork: {{egress: []}}"
     )));
     assert_eq!(
         c.flags,
-        POLICE_EXEC | POLICE_FILES | POLICE_NET | ALLOW_FILELESS
+        POLICE_EXEC | POLICE_FILES | POLICE_NET | ALLOW_FILELESS | ALLOW_NAMESPACES
     );
     assert!(!allowed(c.check_exec(b"/bin/sh")));
     assert!(!allowed(c.check_file(b"/etc/hosts", ACC_READ)));
@@ -491,6 +491,7 @@ proptest! {
         let exec = ExecSpec {
             allow: paths.iter().map(|p| ExecRule { path: p.clone(), pos: Pos::default() }).collect(),
             allow_fileless: false,
+            allow_namespaces: false,
         };
         let c = compile(&policy_with(None, Some(exec), None)).unwrap();
         let as_rules: Vec<FileRule> = paths.iter().map(|p| FileRule {
@@ -529,7 +530,7 @@ proptest! {
     ) {
         let mut p = policy_with(
             Some(rules),
-            Some(ExecSpec { allow: exec.into_iter().map(|path| ExecRule { path, pos: Pos::default() }).collect(), allow_fileless: true }),
+            Some(ExecSpec { allow: exec.into_iter().map(|path| ExecRule { path, pos: Pos::default() }).collect(), allow_fileless: true, allow_namespaces: false }),
             Some(NetworkSpec { egress }),
         );
         p.selector.cgroup_path = Some("/x".into());

@@ -1,0 +1,57 @@
+/* Namespace escape attempts for tests: ns_escape clone|clone3|unshare|chroot MARKER
+ * Tries to enter a user+mount namespace (or a new root) of its own, the way around path-based
+ * rules, and creates MARKER from the new context when it got there (the forbidden effect).
+ * Prints "escaped" then; exits 0 on success, the errno when the kernel refused. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int mark(const char *path) {
+    int fd = open(path, O_CREAT | O_WRONLY, 0644);
+    if (fd < 0) return errno;
+    close(fd);
+    printf("escaped\n");
+    fflush(stdout);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    const char *how = argv[1], *marker = argv[2];
+    unsigned long flags = CLONE_NEWUSER | CLONE_NEWNS;
+    if (!strcmp(how, "unshare")) {
+        if (unshare(flags) != 0) { printf("%s\n", strerror(errno)); return errno; }
+        return mark(marker);
+    }
+    if (!strcmp(how, "chroot")) {
+        if (chroot("/tmp") != 0) { printf("%s\n", strerror(errno)); return errno; }
+        /* The marker path is resolved in the new root. */
+        return mark(marker);
+    }
+    long pid;
+    if (!strcmp(how, "clone")) {
+        pid = syscall(SYS_clone, flags | SIGCHLD, 0, 0, 0, 0);
+    } else if (!strcmp(how, "clone3")) {
+        struct clone_args args;
+        memset(&args, 0, sizeof args);
+        args.flags = flags;
+        args.exit_signal = SIGCHLD;
+        pid = syscall(SYS_clone3, &args, sizeof args);
+    } else {
+        return 2;
+    }
+    if (pid < 0) { printf("%s\n", strerror(errno)); return errno; }
+    if (pid == 0) _exit(mark(marker));
+    int st = 0;
+    waitpid((pid_t)pid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
