@@ -60,6 +60,7 @@ pub const GLOBAL_OFF_TASK_FS: &str = "OFF_TASK_FS";
 pub const GLOBAL_OFF_FS_ROOT: &str = "OFF_FS_ROOT";
 pub const GLOBAL_OFF_DENTRY_D_INODE: &str = "OFF_DENTRY_D_INODE";
 pub const GLOBAL_OFF_DENTRY_D_SB: &str = "OFF_DENTRY_D_SB";
+pub const GLOBAL_OFF_TASK_TI_STATUS: &str = "OFF_TASK_TI_STATUS";
 /// Inode number and kernel dev_t of the host's root directory.
 pub const GLOBAL_HOST_ROOT_INO: &str = "HOST_ROOT_INO";
 pub const GLOBAL_HOST_ROOT_DEV: &str = "HOST_ROOT_DEV";
@@ -139,14 +140,16 @@ pub const KIND_OPEN: u8 = 2;
 pub const KIND_CONNECT: u8 = 3;
 /// A pending policy was bound to a new cgroup by the `cgroup_mkdir` hook.
 pub const KIND_CGROUP_BOUND: u8 = 4;
-/// A policed workload tried to create a namespace or change its root; `Event::access` is the
-/// `NS_OP_*`.
-pub const KIND_NAMESPACE: u8 = 5;
+/// A policed workload tried to leave what the policy relies on: its namespaces, its root, or
+/// the 64-bit syscall ABI the tier-2 guards watch; `Event::access` is the `NS_OP_*`.
+pub const KIND_ESCAPE: u8 = 5;
 
-/// `Event::access` of a `KIND_NAMESPACE` event.
+/// `Event::access` of a `KIND_ESCAPE` event.
 pub const NS_OP_USERNS: u8 = 1;
 pub const NS_OP_MOUNTNS: u8 = 2;
 pub const NS_OP_CHROOT: u8 = 3;
+/// A 32-bit (`int 0x80` / ia32) syscall: invisible to the syscall tracepoints tier 2 relies on.
+pub const NS_OP_IA32: u8 = 4;
 
 /// Allowed by the rules (only exec audit events carry it).
 pub const VERDICT_ALLOWED: u8 = 1;

@@ -1,7 +1,7 @@
 //! The decision and reporting logic every hook shares: which policy applies, what the mode
 //! makes of a rule verdict, learn-mode de-duplication, and event emission.
 use agent_common::{
-    ALLOW_NAMESPACES, CONTAINER, CgroupPolicy, Event, KIND_NAMESPACE, MODE_ENFORCE, MODE_LEARN,
+    ALLOW_NAMESPACES, CONTAINER, CgroupPolicy, Event, KIND_ESCAPE, MODE_ENFORCE, MODE_LEARN,
     MODE_MONITOR, PATH_MAX, POLICE_EXEC, POLICE_FILES, PathKeyData, PathRule, RULESET_BYTES,
     STAT_DENIED, STAT_LEARN_DUPES, STAT_RINGBUF_DROPS, STAT_VIOLATIONS, SeenKey, VERDICT_ALLOWED,
     VERDICT_DENIED, VERDICT_LEARNED, VERDICT_VIOLATION,
@@ -119,7 +119,7 @@ pub fn confine(sub: &Subject, op: u8, flags: u16) -> bool {
     }
     let (verdict, deny) = judge(&sub.pol, false);
     let r = Report {
-        kind: KIND_NAMESPACE,
+        kind: KIND_ESCAPE,
         verdict,
         access: op,
         flags: if deny { flags } else { 0 },

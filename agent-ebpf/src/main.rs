@@ -9,6 +9,7 @@ mod cgroup_rmdir;
 mod connect;
 mod decide;
 mod exec;
+mod ia32_syscall;
 mod maps;
 mod namespace;
 mod net;

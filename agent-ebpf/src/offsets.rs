@@ -46,6 +46,7 @@ offsets!(
     OFF_FS_ROOT,
     OFF_DENTRY_D_INODE,
     OFF_DENTRY_D_SB,
+    OFF_TASK_TI_STATUS,
     HOST_MNTNS,
     HOST_ROOT_DEV,
     BACKSTOP,

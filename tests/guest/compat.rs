@@ -153,7 +153,7 @@ fn compat_tier_kernel_machinery() {
 
     // No namespace or root of its own: the caller is killed at syscall entry, before the
     // namespace or the child exists.
-    for how in ["unshare", "clone", "clone3", "chroot"] {
+    for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {
         let marker = if how == "chroot" {
             "/ns-chroot".to_string() // resolved inside the new root, /tmp
         } else {
@@ -172,9 +172,13 @@ fn compat_tier_kernel_machinery() {
             !jail.host_path(&format!("/tmp/ns-{how}")).exists(),
             "{how}: marker created"
         );
-        let op = if how == "chroot" { "chroot" } else { "userns" };
-        event(&agent, from, "namespace denied", |e| {
-            e["kind"] == "namespace"
+        let op = match how {
+            "chroot" => "chroot",
+            "ia32" => "ia32-syscall",
+            _ => "userns",
+        };
+        event(&agent, from, "escape denied", |e| {
+            e["kind"] == "escape"
                 && e["verdict"] == "denied"
                 && e["access"] == op
                 && e["flags"].to_string().contains("killed")

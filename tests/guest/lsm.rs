@@ -265,7 +265,7 @@ fn lsm_tier_behaviour_table() {
 
     // No namespace or root of its own, where a forbidden file could take an allowed name:
     // user+mount namespace by unshare, clone and clone3, and chroot. Denied before it exists.
-    for how in ["unshare", "clone", "clone3", "chroot"] {
+    for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {
         // For chroot the marker path is resolved inside the new root (/tmp).
         let marker = if how == "chroot" {
             "/t/ns-chroot".to_string()
@@ -281,8 +281,12 @@ fn lsm_tier_behaviour_table() {
             !std::path::Path::new(&format!("{T}/ns-{how}")).exists(),
             "{how}: marker created"
         );
-        let op = if how == "chroot" { "chroot" } else { "userns" };
-        let ev = g.event(from, "namespace", "denied", |e| e["access"] == op);
+        let op = match how {
+            "chroot" => "chroot",
+            "ia32" => "userns",
+            _ => "userns",
+        };
+        let ev = g.event(from, "escape", "denied", |e| e["access"] == op);
         assert_eq!(ev["source"], "lsm", "{ev}");
     }
     // The chroot attack itself: the secret, read under an allowed name.

@@ -408,7 +408,7 @@ fn compat_tier_keeps_the_workload_in_its_namespaces() {
     agent.wait_bound(&c.id, &pname);
     assert_ne!(c.exec(&["cat", "/secret.txt"]).0, 0, "policy in force");
 
-    for how in ["unshare", "clone", "clone3", "chroot"] {
+    for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {
         let marker = if how == "chroot" {
             "/ns-chroot".to_string() // resolved inside the new root, /tmp
         } else {
@@ -423,12 +423,16 @@ fn compat_tier_keeps_the_workload_in_its_namespaces() {
             0,
             "{how}: marker created"
         );
-        let op = if how == "chroot" { "chroot" } else { "userns" };
+        let op = match how {
+            "chroot" => "chroot",
+            "ia32" => "ia32-syscall",
+            _ => "userns",
+        };
         let ev = agent
             .wait_event_from(from, Duration::from_secs(5), |e| {
-                e["kind"] == "namespace" && e["verdict"] == "denied" && e["access"] == op
+                e["kind"] == "escape" && e["verdict"] == "denied" && e["access"] == op
             })
-            .unwrap_or_else(|| panic!("{how}: no namespace event"));
+            .unwrap_or_else(|| panic!("{how}: no escape event"));
         assert!(ev["flags"].to_string().contains("killed"), "{ev}");
         assert_eq!(container_name(&ev), Some(c.name.as_str()), "{ev}");
     }

@@ -1,4 +1,5 @@
-/* Namespace escape attempts for tests: ns_escape clone|clone3|unshare|chroot MARKER
+/* Namespace escape attempts for tests: ns_escape clone|clone3|unshare|ia32|chroot MARKER
+ * (ia32: unshare through the 32-bit syscall ABI, `int 0x80`, which 64-bit code may use too)
  * Tries to enter a user+mount namespace (or a new root) of its own, the way around path-based
  * rules, and creates MARKER from the new context when it got there (the forbidden effect).
  * Prints "escaped" then; exits 0 on success, the errno when the kernel refused. */
@@ -30,6 +31,13 @@ int main(int argc, char **argv) {
     unsigned long flags = CLONE_NEWUSER | CLONE_NEWNS;
     if (!strcmp(how, "unshare")) {
         if (unshare(flags) != 0) { printf("%s\n", strerror(errno)); return errno; }
+        return mark(marker);
+    }
+    if (!strcmp(how, "ia32")) {
+        long r;
+        __asm__ volatile("int $0x80" : "=a"(r) : "a"(310L) /* ia32 unshare */, "b"((long)flags)
+                         : "memory");
+        if (r != 0) { printf("%s\n", strerror((int)-r)); return (int)-r; }
         return mark(marker);
     }
     if (!strcmp(how, "chroot")) {

@@ -123,7 +123,7 @@ pub enum PolicyCommand {
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
     serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
-        .map_err(|_| format!("unknown kind {s:?} (exec, open, connect, namespace, policy, agent)"))
+        .map_err(|_| format!("unknown kind {s:?} (exec, open, connect, escape, policy, agent)"))
 }
 
 fn parse_verdict(s: &str) -> Result<Verdict, String> {

@@ -22,7 +22,7 @@ pub fn kind_to_pb(k: Kind) -> pb::Kind {
         Kind::Exec => pb::Kind::Exec,
         Kind::Open => pb::Kind::Open,
         Kind::Connect => pb::Kind::Connect,
-        Kind::Namespace => pb::Kind::Namespace,
+        Kind::Escape => pb::Kind::Escape,
         Kind::Policy => pb::Kind::Policy,
         Kind::Agent => pb::Kind::Agent,
     }
@@ -33,7 +33,7 @@ pub fn kind_from_pb(v: i32) -> Result<Kind, ConvertError> {
         Ok(pb::Kind::Exec) => Kind::Exec,
         Ok(pb::Kind::Open) => Kind::Open,
         Ok(pb::Kind::Connect) => Kind::Connect,
-        Ok(pb::Kind::Namespace) => Kind::Namespace,
+        Ok(pb::Kind::Escape) => Kind::Escape,
         Ok(pb::Kind::Policy) => Kind::Policy,
         Ok(pb::Kind::Agent) => Kind::Agent,
         _ => {

@@ -167,7 +167,7 @@ fn detail(e: &Event) -> String {
                 or_dash(e.protocol.as_deref())
             )
         }
-        Kind::Namespace => or_dash(e.access.as_deref()),
+        Kind::Escape => or_dash(e.access.as_deref()),
         Kind::Policy | Kind::Agent => or_dash(e.message.as_deref()),
     }
 }

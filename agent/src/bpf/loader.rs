@@ -270,6 +270,8 @@ impl Loaded {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(err(name))?;
             }
+            // 32-bit syscalls, which the syscall tracepoints below never see.
+            attach_global!(BtfTracePoint, "sys_enter", "sys_enter");
             for (pin, name, id) in attach_syscall_tracepoints(&mut ebpf)? {
                 // Pinned like the other global programs: the namespace guard and the open
                 // records must outlive an agent crash.

@@ -29,6 +29,11 @@ pub const OFFSETS: &[(&str, &str, &str)] = &[
     (abi::GLOBAL_OFF_FS_ROOT, "fs_struct", "root"),
     (abi::GLOBAL_OFF_DENTRY_D_INODE, "dentry", "d_inode"),
     (abi::GLOBAL_OFF_DENTRY_D_SB, "dentry", "d_sb"),
+    (
+        abi::GLOBAL_OFF_TASK_TI_STATUS,
+        "task_struct",
+        "thread_info.status",
+    ),
     (abi::GLOBAL_OFF_CGROUP_KN, "cgroup", "kn"),
     (abi::GLOBAL_OFF_CGROUP_PARENT, "cgroup", "self.parent"),
     (abi::GLOBAL_OFF_KERNFS_NODE_ID, "kernfs_node", "id"),

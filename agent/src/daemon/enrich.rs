@@ -34,7 +34,7 @@ pub fn enrich(
         abi::KIND_EXEC => Kind::Exec,
         abi::KIND_OPEN => Kind::Open,
         abi::KIND_CONNECT => Kind::Connect,
-        abi::KIND_NAMESPACE => Kind::Namespace,
+        abi::KIND_ESCAPE => Kind::Escape,
         abi::KIND_CGROUP_BOUND => Kind::Policy,
         _ => return None,
     };
@@ -44,7 +44,7 @@ pub fn enrich(
     e.source = match kind {
         Kind::Exec if k.flags & abi::EV_FILENAME_AS_PASSED != 0 => Source::ExecTrace,
         Kind::Connect => source_for_net,
-        Kind::Namespace if k.flags & abi::EV_KILLED != 0 => Source::ExecTrace,
+        Kind::Escape if k.flags & abi::EV_KILLED != 0 => Source::ExecTrace,
         Kind::Policy => Source::Agent,
         _ => Source::Lsm,
     };
@@ -64,7 +64,7 @@ pub fn enrich(
             e.path = Some(path);
             e.access = Some(ev::access_string(k.access));
         }
-        Kind::Namespace => e.access = Some(ev::namespace_op(k.access).into()),
+        Kind::Escape => e.access = Some(ev::escape_op(k.access).into()),
         Kind::Connect => {
             e.addr = Some(addr_of(k));
             e.port = Some(k.port);

@@ -12,9 +12,9 @@ pub enum Kind {
     Exec,
     Open,
     Connect,
-    /// A policed workload creating a user/mount namespace or changing its root (`access`:
-    /// `userns`, `mountns`, `chroot`).
-    Namespace,
+    /// A policed workload leaving what its policy relies on (`access`: `userns`, `mountns`,
+    /// `chroot`, `ia32-syscall`).
+    Escape,
     /// Policy applied / rejected / deleted / mode changed.
     Policy,
     /// Agent lifecycle, audit records, gaps.
@@ -141,12 +141,13 @@ pub fn verdict_from_abi(v: u8) -> Verdict {
     }
 }
 
-/// The operation of a namespace event (`Event::access` of the kernel record).
-pub fn namespace_op(op: u8) -> &'static str {
+/// The operation of an escape event (`Event::access` of the kernel record).
+pub fn escape_op(op: u8) -> &'static str {
     match op {
         abi::NS_OP_USERNS => "userns",
         abi::NS_OP_MOUNTNS => "mountns",
         abi::NS_OP_CHROOT => "chroot",
+        abi::NS_OP_IA32 => "ia32-syscall",
         _ => "unknown",
     }
 }
