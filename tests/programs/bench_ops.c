@@ -5,6 +5,8 @@
  *
  *   bench_ops open-distinct DIR N   open+read+close DIR/f0 .. DIR/f<N-1> (each once)
  *   bench_ops open-same FILE N      open+read+close FILE N times (after one warm-up)
+ *   bench_ops syscall N             getppid() N times: the price every syscall of the node pays
+ *                                   for the agent's syscall hooks
  *   bench_ops exec PATH N           fork + execve(PATH) + waitpid, N times; prints
  *                                   "<ns per op> <execs that failed with EPERM>"
  *   bench_ops connect IPV4 PORT N   socket + TCP connect + close (RST), N times, to a listener
@@ -27,6 +29,7 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static long long now_ns(void) {
@@ -55,6 +58,12 @@ static long long bench_open_distinct(const char *dir, long n) {
         snprintf(path, sizeof path, "%s/f%ld", dir, i);
         open_read_close(path);
     }
+    return now_ns() - t0;
+}
+
+static long long bench_syscall(long n) {
+    long long t0 = now_ns();
+    for (long i = 0; i < n; i++) syscall(SYS_getppid);
     return now_ns() - t0;
 }
 
@@ -143,7 +152,7 @@ int main(int argc, char **argv) {
         puts(rc < 0 && errno == EPERM ? "EPERM" : "allowed");
         return 0;
     }
-    if (argc < 4) {
+    if (argc < 3) {
         fprintf(stderr, "usage: see the comment at the top of bench_ops.c\n");
         return 2;
     }
@@ -154,7 +163,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     long long total;
-    if (strcmp(op, "open-distinct") == 0 && argc == 4)
+    if (strcmp(op, "syscall") == 0 && argc == 3)
+        total = bench_syscall(n);
+    else if (strcmp(op, "open-distinct") == 0 && argc == 4)
         total = bench_open_distinct(argv[2], n);
     else if (strcmp(op, "open-same") == 0 && argc == 4)
         total = bench_open_same(argv[2], n);

@@ -34,6 +34,7 @@ const OPEN_DISTINCT_N: usize = 4000;
 const OPEN_SAME_N: usize = 50_000;
 const EXEC_N: usize = 400;
 const CONNECT_N: usize = 2000;
+const SYSCALL_N: usize = 200_000;
 const POLICY_NAME: &str = "bench-enforce";
 const ENFORCE_LABEL: &str = "palisade.bench=enforce";
 /// How long to wait for another helper's agent to finish before giving up.
@@ -66,9 +67,17 @@ enum Op {
     OpenCached,
     Exec,
     Connect,
+    /// One cheap syscall: what the tier-2 syscall hooks cost every process of the node.
+    Syscall,
 }
 
-const OPS: [Op; 4] = [Op::OpenUncached, Op::OpenCached, Op::Exec, Op::Connect];
+const OPS: [Op; 5] = [
+    Op::Syscall,
+    Op::OpenUncached,
+    Op::OpenCached,
+    Op::Exec,
+    Op::Connect,
+];
 
 impl Op {
     fn label(self) -> &'static str {
@@ -77,6 +86,7 @@ impl Op {
             Op::OpenCached => "open+read+close, cached",
             Op::Exec => "fork+exec+wait /bin/true",
             Op::Connect => "TCP connect 127.0.0.1",
+            Op::Syscall => "getppid (any syscall)",
         }
     }
 }
@@ -141,7 +151,7 @@ fn free_port() -> Result<u16> {
 /// ns/op samples of one phase, per operation in [`OPS`] order, and execs denied by mistake.
 #[derive(Default)]
 struct Samples {
-    ns: [Vec<u64>; 4],
+    ns: [Vec<u64>; 5],
     denied_execs: u64,
 }
 
@@ -292,6 +302,7 @@ impl Rig {
             Op::OpenCached => vec!["open-same", "/bench/same", &n],
             Op::Exec => vec!["exec", "/bin/true", &n],
             Op::Connect => vec!["connect", "127.0.0.1", &port, &n],
+            Op::Syscall => vec!["syscall", &n],
         };
         let mut cmd = vec!["/bench_ops"];
         cmd.extend(args);
@@ -311,6 +322,7 @@ fn iterations(op: Op) -> usize {
         Op::OpenCached => OPEN_SAME_N,
         Op::Exec => EXEC_N,
         Op::Connect => CONNECT_N,
+        Op::Syscall => SYSCALL_N,
     }
 }
 
