@@ -61,6 +61,13 @@ pub const GLOBAL_OFF_FS_ROOT: &str = "OFF_FS_ROOT";
 pub const GLOBAL_OFF_DENTRY_D_INODE: &str = "OFF_DENTRY_D_INODE";
 pub const GLOBAL_OFF_DENTRY_D_SB: &str = "OFF_DENTRY_D_SB";
 pub const GLOBAL_OFF_TASK_TI_STATUS: &str = "OFF_TASK_TI_STATUS";
+pub const GLOBAL_OFF_SOCKET_SK: &str = "OFF_SOCKET_SK";
+pub const GLOBAL_OFF_SOCK_FAMILY: &str = "OFF_SOCK_FAMILY";
+/// `pt_regs` argument registers of a syscall (x86_64: rdi, rsi, rdx) and its number.
+pub const GLOBAL_OFF_REGS_DI: &str = "OFF_REGS_DI";
+pub const GLOBAL_OFF_REGS_SI: &str = "OFF_REGS_SI";
+pub const GLOBAL_OFF_REGS_DX: &str = "OFF_REGS_DX";
+pub const GLOBAL_OFF_REGS_ORIG_AX: &str = "OFF_REGS_ORIG_AX";
 /// Inode number and kernel dev_t of the host's root directory.
 pub const GLOBAL_HOST_ROOT_INO: &str = "HOST_ROOT_INO";
 pub const GLOBAL_HOST_ROOT_DEV: &str = "HOST_ROOT_DEV";
@@ -125,6 +132,9 @@ pub const MARKED: u8 = 32;
 /// chroot (`exec.allowNamespaces`). Without it, a policed workload that tries is denied in
 /// enforce: a new namespace or root is a way around path-based exec and file rules.
 pub const ALLOW_NAMESPACES: u8 = 64;
+/// `CgroupPolicy::flags`: the policy lets the workload open raw, packet and ICMP "ping"
+/// sockets (`network.allowRawSockets`); without it they are denied where `network` is policed.
+pub const ALLOW_RAW_SOCKETS: u8 = 128;
 
 /// Access bits (`PathRule::allow`, `Event::access`).
 pub const ACC_EXEC: u8 = 1;
@@ -150,6 +160,12 @@ pub const NS_OP_MOUNTNS: u8 = 2;
 pub const NS_OP_CHROOT: u8 = 3;
 /// A 32-bit (`int 0x80` / ia32) syscall: invisible to the syscall tracepoints tier 2 relies on.
 pub const NS_OP_IA32: u8 = 4;
+/// Raw IPv4/IPv6 socket (`SOCK_RAW`): sends any packet, past the egress rules.
+pub const NS_OP_RAW_SOCKET: u8 = 5;
+/// `AF_PACKET` (or the obsolete `SOCK_PACKET`) socket: link-level frames.
+pub const NS_OP_PACKET_SOCKET: u8 = 6;
+/// ICMP "ping" datagram socket (`SOCK_DGRAM` + `IPPROTO_ICMP`/`IPPROTO_ICMPV6`).
+pub const NS_OP_PING_SOCKET: u8 = 7;
 
 /// Allowed by the rules (only exec audit events carry it).
 pub const VERDICT_ALLOWED: u8 = 1;

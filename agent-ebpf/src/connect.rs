@@ -4,7 +4,7 @@ use aya_ebpf::{macros::lsm, programs::LsmContext};
 
 use crate::{
     decide,
-    net::{self, AF_INET, AF_INET6, Dest, SOCK_DGRAM},
+    net::{self, AF_INET, AF_INET6, AF_UNSPEC, Dest},
     offsets::{get, read},
     ret,
 };
@@ -35,20 +35,32 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     };
     let sock: *const u8 = ctx.arg(0);
     let msg: *const u8 = ctx.arg(1);
+    // Any socket type: a stream socket's `sendto(MSG_FASTOPEN)` connects and sends in one call
+    // (TCP Fast Open), and no `socket_connect` runs for it.
     // SAFETY: probe reads of kernel memory at BTF-derived offsets.
-    let sock_type = unsafe { read::<u16>(sock, get::OFF_SOCKET_TYPE()) }.unwrap_or(0) as u32;
-    if sock_type != SOCK_DGRAM {
-        // Stream sockets are policed at connect.
-        return 0;
-    }
     let Ok(name) = (unsafe { read::<*const u8>(msg, get::OFF_MSGHDR_MSG_NAME()) }) else {
         return decide::fail_closed(&sub);
     };
     if name.is_null() {
-        // Connected UDP: its destination was policed at connect.
+        // Connected socket: its destination was policed at connect.
         return 0;
     }
     verdict(&sub, sock, name, 128, EV_SENDMSG)
+}
+
+/// The family the kernel reads a destination as: `AF_UNSPEC` in a `sendmsg` to an IP socket is
+/// taken as the socket's own family (UDP delivers it), in a `connect` it disconnects.
+#[inline(always)]
+fn effective_family(family: u16, sock: *const u8, sending: bool) -> u16 {
+    if family != AF_UNSPEC || !sending {
+        return family;
+    }
+    // SAFETY: probe reads of kernel memory at BTF-derived offsets; failure is AF_UNSPEC.
+    unsafe {
+        read::<*const u8>(sock, get::OFF_SOCKET_SK())
+            .and_then(|sk| read::<u16>(sk, get::OFF_SOCK_FAMILY()))
+            .unwrap_or(AF_UNSPEC)
+    }
 }
 
 #[inline(always)]
@@ -61,6 +73,7 @@ fn verdict(
 ) -> i32 {
     // SAFETY: probe reads of kernel memory.
     let family = unsafe { read::<u16>(addr, 0) }.unwrap_or(0);
+    let family = effective_family(family, sock, flags & EV_SENDMSG != 0);
     if family != AF_INET && family != AF_INET6 {
         return 0;
     }

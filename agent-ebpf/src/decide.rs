@@ -113,8 +113,15 @@ pub fn fail_closed(sub: &Subject) -> i32 {
 /// chroot). Reports per mode; returns whether to deny. `flags` are added to a denial's event.
 #[inline(always)]
 pub fn confine(sub: &Subject, op: u8, flags: u16) -> bool {
+    escape(sub, op, flags, POLICE_EXEC | POLICE_FILES, ALLOW_NAMESPACES)
+}
+
+/// A way around the policy (`op`: `NS_OP_*`), judged when the policy polices one of `police`
+/// and does not set `allow`. Reports per mode; returns whether to deny.
+#[inline(always)]
+pub fn escape(sub: &Subject, op: u8, flags: u16, police: u8, allow: u8) -> bool {
     let p = sub.pol.flags;
-    if p & (POLICE_EXEC | POLICE_FILES) == 0 || p & ALLOW_NAMESPACES != 0 {
+    if p & police == 0 || p & allow != 0 {
         return false;
     }
     let (verdict, deny) = judge(&sub.pol, false);

@@ -9,18 +9,18 @@ mod cgroup_rmdir;
 mod connect;
 mod decide;
 mod exec;
-mod ia32_syscall;
 mod maps;
 mod namespace;
 mod net;
-mod ns_syscalls;
 mod offsets;
 mod open;
-mod open_intent;
 mod path;
 mod ret;
 mod sched_exec;
 mod sock_addr;
+mod socket_create;
+mod sys_enter;
+mod sys_exit;
 
 #[cfg(not(test))]
 #[panic_handler]

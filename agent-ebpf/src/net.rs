@@ -11,10 +11,37 @@ use crate::{
     path,
 };
 
+pub const AF_UNSPEC: u16 = 0;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+pub const AF_PACKET: u16 = 17;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+const SOCK_PACKET: u32 = 10;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
+
+/// Sockets that send past the egress rules (`NS_OP_*`), or `None`. Only IP families: a raw
+/// netlink socket (`AF_NETLINK`, `SOCK_RAW`) talks to the kernel, not the network.
+#[inline(always)]
+pub fn raw_socket_op(family: u16, sock_type: u32, protocol: u32) -> Option<u8> {
+    let ty = sock_type & 0xf;
+    if family == AF_PACKET {
+        return Some(agent_common::NS_OP_PACKET_SOCKET);
+    }
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    match ty {
+        SOCK_RAW => Some(agent_common::NS_OP_RAW_SOCKET),
+        SOCK_PACKET => Some(agent_common::NS_OP_PACKET_SOCKET),
+        SOCK_DGRAM if protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6 => {
+            Some(agent_common::NS_OP_PING_SOCKET)
+        }
+        _ => None,
+    }
+}
 
 /// Protocol bits a socket type needs from a rule: other types need a rule for both.
 #[inline(always)]

@@ -201,6 +201,46 @@ fn compat_tier_kernel_machinery() {
         e["kind"] == "connect" && e["verdict"] == "denied" && e["port"] == pd
     });
 
+    // Other ways out: TCP Fast Open and AF_UNSPEC sendto are judged by the cgroup hooks; raw,
+    // ping and packet sockets kill their caller (no allowRawSockets). Nothing arrives.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let pu = udp.local_addr().unwrap().port();
+    for (mode, p) in [("tfo", pd), ("udp-unspec", pu)] {
+        let o = jail
+            .spawn(&cg, &["/bin/net_probe", mode, "127.0.0.1", &p.to_string()])
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "EPERM", "{mode}");
+    }
+    for (mode, addr, op) in [
+        ("raw", "127.0.0.1", "raw-socket"),
+        ("raw", "::1", "raw-socket"),
+        ("ping", "127.0.0.1", "ping-socket"),
+        ("packet", "127.0.0.1", "packet-socket"),
+    ] {
+        let from = agent.event_count();
+        let o = jail
+            .spawn(&cg, &["/bin/net_probe", mode, addr, &pu.to_string()])
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&o.status),
+            Some(9),
+            "{mode} {addr}: {}",
+            out(&o)
+        );
+        event(&agent, from, "raw socket denied", |e| {
+            e["kind"] == "escape" && e["verdict"] == "denied" && e["access"] == op
+        });
+    }
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(udp.recv(&mut [0u8; 64]).is_err(), "a datagram arrived");
+    denied.set_nonblocking(true).unwrap();
+    assert!(denied.accept().is_err(), "a connection arrived");
+
     // A sub-cgroup created later inherits the policy in the kernel (cgroup_mkdir).
     let child_dir = cg.dir.join("child");
     std::fs::create_dir(&child_dir).unwrap();

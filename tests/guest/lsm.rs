@@ -263,6 +263,46 @@ fn lsm_tier_behaviour_table() {
         }
     }
 
+    // Other ways out: TCP Fast Open and an AF_UNSPEC sendto to denied ports are judged as
+    // connects; raw, ICMP "ping" and packet sockets are denied (no allowRawSockets). Nothing
+    // reaches a listener.
+    for (mode, addr, p, escape) in [
+        ("tfo", "127.0.0.1", pd, None),
+        ("udp-unspec", "127.0.0.1", pu, None),
+        ("raw", "127.0.0.1", pu, Some("raw-socket")),
+        ("raw", "::1", pu, Some("raw-socket")),
+        ("ping", "127.0.0.1", 0, Some("ping-socket")),
+        ("ping", "::1", 0, Some("ping-socket")),
+        ("packet", "127.0.0.1", 0, Some("packet-socket")),
+    ] {
+        let from = g.agent.event_count();
+        let o = g
+            .run(&["/bin/net_probe", mode, addr, &p.to_string()])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "EPERM",
+            "{mode} {addr}:{p}"
+        );
+        match escape {
+            None => drop(g.event(from, "connect", "denied", |e| e["port"] == p)),
+            Some(op) => drop(g.event(from, "escape", "denied", |e| e["access"] == op)),
+        }
+    }
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv(&mut buf).is_err(),
+        "a datagram reached the denied UDP port"
+    );
+    denied.set_nonblocking(true).unwrap();
+    assert!(
+        denied.accept().is_err(),
+        "a connection reached the denied TCP port"
+    );
+    denied.set_nonblocking(false).unwrap();
+
     // No namespace or root of its own, where a forbidden file could take an allowed name:
     // user+mount namespace by unshare, clone and clone3, and chroot. Denied before it exists.
     for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {

@@ -436,6 +436,29 @@ fn compat_tier_keeps_the_workload_in_its_namespaces() {
         assert!(ev["flags"].to_string().contains("killed"), "{ev}");
         assert_eq!(container_name(&ev), Some(c.name.as_str()), "{ev}");
     }
+    // Raw, ping and packet sockets (Docker's default capabilities include CAP_NET_RAW): the
+    // caller is killed at socket(); a raw UDP datagram never reaches the listener.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let pu = udp.local_addr().unwrap().port().to_string();
+    for (mode, addr, op) in [
+        ("raw", "127.0.0.1", "raw-socket"),
+        ("raw", "::1", "raw-socket"),
+        ("ping", "127.0.0.1", "ping-socket"),
+        ("packet", "127.0.0.1", "packet-socket"),
+    ] {
+        let from = agent.event_count();
+        let (rc, out, err) = c.exec(&["/net_probe", mode, addr, &pu]);
+        assert_eq!(rc, 137, "{mode} {addr}: {out}{err}");
+        agent
+            .wait_event_from(from, Duration::from_secs(5), |e| {
+                e["kind"] == "escape" && e["verdict"] == "denied" && e["access"] == op
+            })
+            .unwrap_or_else(|| panic!("{mode}: no escape event"));
+    }
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(udp.recv(&mut [0u8; 64]).is_err(), "a raw datagram arrived");
+
     // The escape the guard exists for: bind the secret over an allowed name and read it.
     let (rc, out, _) = c.exec(&[
         "unshare",

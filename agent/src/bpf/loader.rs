@@ -11,10 +11,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, ProgramError,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
-        trace_point::TracePointLinkId,
     },
 };
 use thiserror::Error;
@@ -77,6 +76,7 @@ pub(super) const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("socket_sendmsg", "socket_sendmsg"),
     ("userns_create", "userns_create"),
     ("path_chroot", "path_chroot"),
+    ("socket_create", "socket_create"),
 ];
 const SOCK_ADDR_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
@@ -150,69 +150,6 @@ pub(super) fn open_object(backstop: bool) -> Result<Ebpf, LoadError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Tier 2 syscall tracepoints: each policed open's flags (`open_intent.rs`) and the namespace
-/// guard (`ns_syscalls.rs`). Returns (pin name, program, link) of each attachment, for pinning.
-fn attach_syscall_tracepoints(
-    ebpf: &mut Ebpf,
-) -> Result<Vec<(String, &'static str, TracePointLinkId)>, LoadError> {
-    ensure_tracefs();
-    let err = |name| move |source| LoadError::Program { name, source };
-    let mut out = Vec::new();
-    let enter = OPEN_INTENT_PROGRAMS.iter().chain(NS_PROGRAMS);
-    for &(name, syscall) in enter {
-        let p: &mut TracePoint = program(ebpf, name)?;
-        p.load().map_err(err(name))?;
-        let id = p
-            .attach("syscalls", &format!("sys_enter_{syscall}"))
-            .map_err(err(name))?;
-        out.push((format!("tp-enter-{syscall}"), name, id));
-    }
-    let exit = "sys_exit_open_any";
-    let p: &mut TracePoint = program(ebpf, exit)?;
-    p.load().map_err(err(exit))?;
-    for &(_, syscall) in OPEN_INTENT_PROGRAMS {
-        let id = p
-            .attach("syscalls", &format!("sys_exit_{syscall}"))
-            .map_err(err(exit))?;
-        out.push((format!("tp-exit-{syscall}"), exit, id));
-    }
-    Ok(out)
-}
-
-/// Tier 2: kill a policed workload entering a namespace or root of its own (`ns_syscalls.rs`).
-const NS_PROGRAMS: &[(&str, &str)] = &[
-    ("sys_enter_unshare", "unshare"),
-    ("sys_enter_clone", "clone"),
-    ("sys_enter_clone3", "clone3"),
-    ("sys_enter_chroot", "chroot"),
-];
-
-/// Syscall tracepoints are found through tracefs, which is often not mounted.
-fn ensure_tracefs() {
-    let dir = Path::new("/sys/kernel/tracing");
-    if dir.join("events").exists() {
-        return;
-    }
-    if let Err(e) = nix::mount::mount(
-        Some("tracefs"),
-        dir,
-        Some("tracefs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    ) {
-        debug!(error = %e, "mounting tracefs");
-    }
-}
-
-/// (program, syscall) of the open-intent recorders.
-const OPEN_INTENT_PROGRAMS: &[(&str, &str)] = &[
-    ("sys_enter_open", "open"),
-    ("sys_enter_openat", "openat"),
-    ("sys_enter_openat2", "openat2"),
-    ("sys_enter_creat", "creat"),
-    ("sys_enter_open_by_handle_at", "open_by_handle_at"),
-];
-
 pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -270,18 +207,9 @@ impl Loaded {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(err(name))?;
             }
-            // 32-bit syscalls, which the syscall tracepoints below never see.
-            attach_global!(BtfTracePoint, "sys_enter", "sys_enter");
-            for (pin, name, id) in attach_syscall_tracepoints(&mut ebpf)? {
-                // Pinned like the other global programs: the namespace guard and the open
-                // records must outlive an agent crash.
-                if let Some(pins) = &pins {
-                    let p: &mut TracePoint = program(&mut ebpf, name)?;
-                    let link = p.take_link(id).map_err(err(name))?;
-                    let fd = FdLink::try_from(link)
-                        .map_err(|e| LoadError::Pin(std::io::Error::other(e)))?;
-                    global.push(pins.pin(&pin, fd).map_err(LoadError::Pin)?);
-                }
+            // The open records and the escape guards (`sys_enter.rs`, `sys_exit.rs`).
+            for name in ["sys_enter", "sys_exit"] {
+                attach_global!(BtfTracePoint, name, name);
             }
         }
         for name in ["sched_process_exec", "cgroup_mkdir", "cgroup_rmdir"] {

@@ -148,6 +148,9 @@ pub fn escape_op(op: u8) -> &'static str {
         abi::NS_OP_MOUNTNS => "mountns",
         abi::NS_OP_CHROOT => "chroot",
         abi::NS_OP_IA32 => "ia32-syscall",
+        abi::NS_OP_RAW_SOCKET => "raw-socket",
+        abi::NS_OP_PACKET_SOCKET => "packet-socket",
+        abi::NS_OP_PING_SOCKET => "ping-socket",
         _ => "unknown",
     }
 }

@@ -174,7 +174,10 @@ fn build(base: &Policy, mode: Mode, g: &Generalized) -> Policy {
             protocol: protocol_of(r.protocol),
             pos: Default::default(),
         }));
-        NetworkSpec { egress }
+        NetworkSpec {
+            egress,
+            allow_raw_sockets: n.allow_raw_sockets,
+        }
     });
     Policy {
         name: base.name.clone(),
@@ -355,7 +358,11 @@ fn render(
     if let Some(n) = &pol.network {
         let nbase = base.network.as_ref().map_or(0, |b| b.egress.len());
         let empty = if n.egress.is_empty() { " []" } else { "" };
-        let _ = writeln!(o, "  network:\n    egress:{empty}");
+        let _ = writeln!(o, "  network:");
+        if n.allow_raw_sockets {
+            let _ = writeln!(o, "    allowRawSockets: true");
+        }
+        let _ = writeln!(o, "    egress:{empty}");
         for (i, r) in n.egress.iter().enumerate() {
             let note = match i.checked_sub(nbase) {
                 None => "rule of the learning policy".to_string(),

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 
 use agent_common::{
-    ACC_EXEC, ALLOW_FILELESS, ALLOW_NAMESPACES, NET_MAX_PORTS, POLICE_EXEC, POLICE_FILES,
-    POLICE_NET,
+    ACC_EXEC, ALLOW_FILELESS, ALLOW_NAMESPACES, ALLOW_RAW_SOCKETS, NET_MAX_PORTS, POLICE_EXEC,
+    POLICE_FILES, POLICE_NET,
 };
 
 use super::error::{ErrorKind, PolicyError};
@@ -92,6 +92,9 @@ pub fn compile(policy: &Policy) -> Result<CompiledPolicy, PolicyError> {
         None => NetTable::default(),
         Some(n) => {
             flags |= POLICE_NET;
+            if n.allow_raw_sockets {
+                flags |= ALLOW_RAW_SOCKETS;
+            }
             let src: Vec<SrcNet> = n
                 .egress
                 .iter()

@@ -199,8 +199,12 @@ pub struct FileRule {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
     pub egress: Vec<EgressRule>,
+    /// Let the workload open raw, packet and ICMP "ping" sockets (denied by default: they send
+    /// past the egress rules).
+    pub allow_raw_sockets: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

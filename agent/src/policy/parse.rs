@@ -364,7 +364,7 @@ impl Ctx<'_> {
     }
 
     fn network(&self, node: &Node) -> Result<NetworkSpec> {
-        let f = self.fields(node, "spec.network", &["egress"])?;
+        let f = self.fields(node, "spec.network", &["egress", "allowRawSockets"])?;
         let mut out = NetworkSpec::default();
         for (i, n) in self
             .seq(self.req(&f, "egress")?, "spec.network.egress")?
@@ -420,6 +420,9 @@ impl Ctx<'_> {
                 protocol,
                 pos: n.pos,
             });
+        }
+        if let Some(n) = f.get("allowRawSockets") {
+            out.allow_raw_sockets = self.boolean(n, "spec.network.allowRawSockets")?;
         }
         Ok(out)
     }

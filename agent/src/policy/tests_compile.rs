@@ -235,11 +235,16 @@ fn unpoliced_and_empty_sections() {
         open
     );
     let c = compiled(&doc(&format!(
-        "{SEL}exec: {{allow: [], allowFileless: true, allowNamespaces: true}}\nfiles: []\nnetwork: {{egress: []}}"
+        "{SEL}exec: {{allow: [], allowFileless: true, allowNamespaces: true}}\nfiles: []\nnetwork: {{egress: [], allowRawSockets: true}}"
     )));
     assert_eq!(
         c.flags,
-        POLICE_EXEC | POLICE_FILES | POLICE_NET | ALLOW_FILELESS | ALLOW_NAMESPACES
+        POLICE_EXEC
+            | POLICE_FILES
+            | POLICE_NET
+            | ALLOW_FILELESS
+            | ALLOW_NAMESPACES
+            | ALLOW_RAW_SOCKETS
     );
     assert!(!allowed(c.check_exec(b"/bin/sh")));
     assert!(!allowed(c.check_file(b"/etc/hosts", ACC_READ)));
@@ -508,7 +513,7 @@ proptest! {
         rules in prop::collection::vec(arb_egress(), 0..6),
         probes in prop::collection::vec((arb_ip(), 0u16..70, prop::sample::select(vec![PROTO_TCP, PROTO_UDP])), 1..16),
     ) {
-        let p = policy_with(None, None, Some(NetworkSpec { egress: rules.clone() }));
+        let p = policy_with(None, None, Some(NetworkSpec { egress: rules.clone(), allow_raw_sockets: false }));
         let c = match compile(&p) {
             Ok(c) => c,
             Err(e) => {
@@ -531,7 +536,7 @@ proptest! {
         let mut p = policy_with(
             Some(rules),
             Some(ExecSpec { allow: exec.into_iter().map(|path| ExecRule { path, pos: Pos::default() }).collect(), allow_fileless: true, allow_namespaces: false }),
-            Some(NetworkSpec { egress }),
+            Some(NetworkSpec { egress, allow_raw_sockets: false }),
         );
         p.selector.cgroup_path = Some("/x".into());
         prop_assume!(compile(&p).is_ok());
