@@ -6,15 +6,16 @@ use aya_ebpf::{
 
 use crate::{
     maps::OPEN_INTENT,
-    offsets::{get, read},
+    offsets::get,
     sys_enter::{NR_CREAT, NR_OPEN, NR_OPEN_BY_HANDLE_AT, NR_OPENAT, NR_OPENAT2},
 };
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> u32 {
     let regs: *const u8 = ctx.arg(0);
-    // SAFETY: a probe read of the syscall number register at a BTF-derived offset.
-    let nr = unsafe { read::<i64>(regs, get::OFF_REGS_ORIG_AX()) }.unwrap_or(-1);
+    // SAFETY: a direct load from the trusted `pt_regs` BTF pointer at a BTF-derived offset (no
+    // helper call: this runs on every syscall of the node).
+    let nr = unsafe { *(regs.add(get::OFF_REGS_ORIG_AX()) as *const i64) };
     if matches!(
         nr,
         NR_OPEN | NR_OPENAT | NR_OPENAT2 | NR_CREAT | NR_OPEN_BY_HANDLE_AT
