@@ -287,7 +287,13 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
     agent
         .write_policy("crash.yaml", &policy(&pname, &label, "enforce", pa4, pa4))
         .unwrap();
-    let c = fx.container(&unique_name("pal-crash"), &[("palisade.test", &label)]);
+    // No seccomp profile (Kubernetes' default): the namespace guard, not seccomp, must stop
+    // the unshare below.
+    let c = fx.container_with(
+        &unique_name("pal-crash"),
+        &[("palisade.test", &label)],
+        &["--security-opt", "seccomp=unconfined"],
+    );
     agent.wait_bound(&c.id, &pname);
     assert_ne!(
         c.exec(&["cat", "/secret.txt"]).0,
@@ -326,6 +332,23 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
     };
     let (mut denied_probe, mut denied_out) = probe(pd4);
     let (mut allowed_probe, mut allowed_out) = probe(pa4);
+    // The namespace guard outlives the agent too (its programs are pinned).
+    let mut escape = std::process::Command::new("docker")
+        .args([
+            "exec",
+            &c.id,
+            "/ns_escape",
+            "unshare",
+            "/tmp/ns-down",
+            "/go",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut escape_out = std::io::BufReader::new(escape.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut escape_out, &mut line).unwrap();
+    assert_eq!(line.trim(), "waiting");
 
     agent.crash();
     let go = fx.dir.join("go");
@@ -349,6 +372,13 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
     );
     let _ = denied_probe.wait();
     let _ = allowed_probe.wait();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut escape_out, &mut rest).unwrap();
+    assert!(
+        !rest.contains("escaped"),
+        "unshare while the agent is down: {rest}"
+    );
+    assert_eq!(escape.wait().unwrap().code(), Some(137), "not killed");
     // Opens: the fanotify group is held by the holder, so the read blocks instead of passing.
     let blocked = std::process::Command::new("timeout")
         .args(["3", "docker", "exec", &c.id, "cat", "/secret.txt"])
@@ -365,6 +395,16 @@ fn compat_tier_fails_closed_while_the_agent_is_down() {
     assert!(
         rc != 0 && !out.contains("root-secret"),
         "denied after restart: {out} {err}"
+    );
+    assert_ne!(
+        c.exec(&["test", "-e", "/tmp/ns-down"]).0,
+        0,
+        "escape marker"
+    );
+    assert_eq!(
+        c.exec(&["/ns_escape", "unshare", "/tmp/ns-after"]).0,
+        137,
+        "guard after restart"
     );
     assert_eq!(
         c.exec(&["cat", "/ok.txt"]).1,

@@ -1,5 +1,6 @@
-/* Namespace escape attempts for tests: ns_escape clone|clone3|unshare|ia32|chroot MARKER
+/* Namespace escape attempts for tests: ns_escape clone|clone3|unshare|ia32|chroot MARKER [WAIT]
  * (ia32: unshare through the 32-bit syscall ABI, `int 0x80`, which 64-bit code may use too)
+ * With WAIT it first prints "waiting" and polls (stat only) until that path exists (60 s).
  * Tries to enter a user+mount namespace (or a new root) of its own, the way around path-based
  * rules, and creates MARKER from the new context when it got there (the forbidden effect).
  * Prints "escaped" then; exits 0 on success, the errno when the kernel refused. */
@@ -12,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,7 +28,13 @@ static int mark(const char *path) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return 2;
+    if (argc != 3 && argc != 4) return 2;
+    if (argc == 4) {
+        struct stat st;
+        printf("waiting\n");
+        fflush(stdout);
+        for (int i = 0; i < 1200 && stat(argv[3], &st) != 0; i++) usleep(50000);
+    }
     const char *how = argv[1], *marker = argv[2];
     unsigned long flags = CLONE_NEWUSER | CLONE_NEWNS;
     if (!strcmp(how, "unshare")) {

@@ -109,6 +109,16 @@ pub struct Loaded {
     ebpf: Ebpf,
     pub tier: Tier,
     links: Links,
+    /// Tier 2's `sys_enter`/`sys_exit` links while attached (pinned ones unpin on detach).
+    syscall_hooks: Vec<SyscallHook>,
+}
+
+/// Tier 2's per-syscall programs.
+const SYSCALL_HOOKS: [&str; 2] = ["sys_enter", "sys_exit"];
+
+enum SyscallHook {
+    Owned(&'static str, aya::programs::tp_btf::BtfTracePointLinkId),
+    Pinned(PinnedLink),
 }
 
 fn host_mntns() -> u32 {
@@ -207,9 +217,13 @@ impl Loaded {
                 let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                 p.load().map_err(err(name))?;
             }
-            // The open records and the escape guards (`sys_enter.rs`, `sys_exit.rs`).
-            for name in ["sys_enter", "sys_exit"] {
-                attach_global!(BtfTracePoint, name, name);
+            // The open records and the escape guards (`sys_enter.rs`, `sys_exit.rs`) run on every
+            // syscall of the node: loaded now, attached only while some policy polices a
+            // section ([`Loaded::set_syscall_hooks`]) — or at once, if the previous instance
+            // had them attached (no gap across a restart).
+            for name in SYSCALL_HOOKS {
+                let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
+                p.load(name, &btf).map_err(err(name))?;
             }
         }
         for name in ["sched_process_exec", "cgroup_mkdir", "cgroup_rmdir"] {
@@ -227,19 +241,66 @@ impl Loaded {
         };
         let ring = take(&mut ebpf, abi::MAP_EVENTS)?;
         info!(%tier, "eBPF programs loaded and attached");
+        let inherit_hooks = pins.as_ref().is_some_and(|p| p.stale_has(SYSCALL_HOOKS[0]));
         let links = match pins.take() {
-            Some(mut pins) => {
-                // Ours are attached: the previous instance's may go now.
-                pins.drop_stale();
-                Links::Pinned {
-                    pins,
-                    global,
-                    cgroups: StdHashMap::new(),
-                }
-            }
+            Some(pins) => Links::Pinned {
+                pins,
+                global,
+                cgroups: StdHashMap::new(),
+            },
             None => Links::Owned(StdHashMap::new()),
         };
-        Ok((Loaded { ebpf, tier, links }, maps, ring))
+        let mut loaded = Loaded {
+            ebpf,
+            tier,
+            links,
+            syscall_hooks: Vec::new(),
+        };
+        if inherit_hooks {
+            loaded.set_syscall_hooks(true)?;
+        }
+        if let Links::Pinned { pins, .. } = &mut loaded.links {
+            // Ours are attached: the previous instance's may go now.
+            pins.drop_stale();
+        }
+        Ok((loaded, maps, ring))
+    }
+
+    /// Tier 2: attach (or detach) the per-syscall programs. Every syscall of the node pays for
+    /// them (measured in `cargo xtask bench`), so they run only while a policy needs them.
+    pub fn set_syscall_hooks(&mut self, on: bool) -> Result<(), LoadError> {
+        if self.tier != Tier::Compat || on == !self.syscall_hooks.is_empty() {
+            return Ok(());
+        }
+        if !on {
+            for h in self.syscall_hooks.drain(..) {
+                match h {
+                    SyscallHook::Owned(name, id) => {
+                        if let Ok(p) = program::<BtfTracePoint>(&mut self.ebpf, name) {
+                            let _ = p.detach(id);
+                        }
+                    }
+                    SyscallHook::Pinned(l) => drop(l.unpin()),
+                }
+            }
+            info!("per-syscall hooks detached (no policy polices a section)");
+            return Ok(());
+        }
+        for name in SYSCALL_HOOKS {
+            let err = |source| LoadError::Program { name, source };
+            let p: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+            let id = p.attach().map_err(err)?;
+            let hook = match &self.links {
+                Links::Owned(_) => SyscallHook::Owned(name, id),
+                Links::Pinned { pins, .. } => {
+                    let link = p.take_link(id).map_err(err)?;
+                    SyscallHook::Pinned(pins.pin(name, link.into()).map_err(LoadError::Pin)?)
+                }
+            };
+            self.syscall_hooks.push(hook);
+        }
+        info!("per-syscall hooks attached");
+        Ok(())
     }
 
     /// Tier 2: attach the egress hooks to one cgroup (idempotent). These are bpf_links, which
@@ -334,7 +395,15 @@ impl Loaded {
             cgroups,
         } = &mut self.links
         {
-            for l in global.drain(..).chain(cgroups.drain().flat_map(|(_, v)| v)) {
+            let hooks = self.syscall_hooks.drain(..).filter_map(|h| match h {
+                SyscallHook::Pinned(l) => Some(l),
+                SyscallHook::Owned(..) => None,
+            });
+            for l in global
+                .drain(..)
+                .chain(cgroups.drain().flat_map(|(_, v)| v))
+                .chain(hooks)
+            {
                 drop(l.unpin());
             }
             pins.remove();

@@ -60,6 +60,11 @@ impl Pins {
         link.pin(&path).map_err(|e| io::Error::other(e.to_string()))
     }
 
+    /// Whether a previous instance pinned a link of this name (it was attached when it died).
+    pub fn stale_has(&self, name: &str) -> bool {
+        self.stale.iter().any(|d| d.join(name).exists())
+    }
+
     /// Detach the previous instance's programs: call once ours are attached.
     pub fn drop_stale(&mut self) {
         for d in self.stale.drain(..) {

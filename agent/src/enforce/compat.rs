@@ -297,6 +297,10 @@ impl Backend for CompatBackend {
         }
     }
 
+    fn set_policing(&mut self, any: bool) -> Result<(), EnforceError> {
+        Ok(self.loaded.set_syscall_hooks(any)?)
+    }
+
     fn on_rules_changed(&mut self) {
         if let Some(g) = &self.group
             && let Err(e) = g.flush_cache()

@@ -37,6 +37,11 @@ pub trait Backend: Send {
     fn on_unbind(&mut self, cgroup_id: u64);
     /// Policies changed: drop every cache derived from the old rules.
     fn on_rules_changed(&mut self);
+    /// Whether some policy polices a section (exec, files or network): tier 2 runs its
+    /// per-syscall programs only then. Called before such a policy is bound.
+    fn set_policing(&mut self, _any: bool) -> Result<(), EnforceError> {
+        Ok(())
+    }
     /// Number of cgroups with per-cgroup kernel attachments (for tests and metrics).
     fn attachments(&self) -> usize;
     /// Number of fanotify mount marks held (tier 2; 0 otherwise).

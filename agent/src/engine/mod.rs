@@ -190,6 +190,8 @@ impl Engine {
                 old.push(prev);
             }
         }
+        // The per-syscall guards are in place before a policy that needs them is bound.
+        self.sync_policing();
         self.bind_direct_paths();
         self.rebind_all();
         for a in &old {
@@ -243,8 +245,21 @@ impl Engine {
         };
         self.rebind_all();
         self.rules.remove(a.ruleset, &a.compiled);
+        self.sync_policing();
         self.backend.on_rules_changed();
         Ok(())
+    }
+
+    /// Tell the backend whether any policy polices a section.
+    fn sync_policing(&mut self) {
+        let police = abi::POLICE_EXEC | abi::POLICE_FILES | abi::POLICE_NET;
+        let any = self
+            .policies
+            .values()
+            .any(|a| a.compiled.flags & police != 0);
+        if let Err(e) = self.backend.set_policing(any) {
+            tracing::warn!(error = %e, "per-syscall hooks could not be attached: namespace, raw-socket and access-mode guards are off");
+        }
     }
 
     /// Change a policy's mode live (a new generation, so learn-mode de-duplication restarts).
