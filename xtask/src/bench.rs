@@ -168,10 +168,12 @@ impl Rig {
         let baseline_before = self.phase_retrying(Phase::Baseline, None, "before")?;
         let agent_dir = self.dir.join("agent");
         fs::create_dir_all(agent_dir.join("policies"))?;
-        fs::write(agent_dir.join("policies/bench.yaml"), policy(self.port))?;
         wait_quiet(None)?;
         let agent = BenchAgent::start(&self.palisade, &agent_dir)?;
+        // The default phase runs on a node with no policy at all (only the node default); the
+        // enforce policy arrives through the watched directory before the enforce phase.
         let default = self.phase_retrying(Phase::Default, Some(&agent), "")?;
+        fs::write(agent_dir.join("policies/bench.yaml"), policy(self.port))?;
         let enforce = self.phase_retrying(Phase::Enforce, Some(&agent), "")?;
         drop(agent);
         let baseline_after = self.phase_retrying(Phase::Baseline, None, "after")?;
