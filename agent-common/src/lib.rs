@@ -68,6 +68,11 @@ pub const GLOBAL_OFF_REGS_DI: &str = "OFF_REGS_DI";
 pub const GLOBAL_OFF_REGS_SI: &str = "OFF_REGS_SI";
 pub const GLOBAL_OFF_REGS_DX: &str = "OFF_REGS_DX";
 pub const GLOBAL_OFF_REGS_ORIG_AX: &str = "OFF_REGS_ORIG_AX";
+/// `current->files->fdt->fd[]` (and its bound) for the file an open returned.
+pub const GLOBAL_OFF_TASK_FILES: &str = "OFF_TASK_FILES";
+pub const GLOBAL_OFF_FILES_FDT: &str = "OFF_FILES_FDT";
+pub const GLOBAL_OFF_FDT_FD: &str = "OFF_FDT_FD";
+pub const GLOBAL_OFF_FDT_MAX_FDS: &str = "OFF_FDT_MAX_FDS";
 /// Inode number and kernel dev_t of the host's root directory.
 pub const GLOBAL_HOST_ROOT_INO: &str = "HOST_ROOT_INO";
 pub const GLOBAL_HOST_ROOT_DEV: &str = "HOST_ROOT_DEV";
@@ -166,6 +171,9 @@ pub const NS_OP_RAW_SOCKET: u8 = 5;
 pub const NS_OP_PACKET_SOCKET: u8 = 6;
 /// ICMP "ping" datagram socket (`SOCK_DGRAM` + `IPPROTO_ICMP`/`IPPROTO_ICMPV6`).
 pub const NS_OP_PING_SOCKET: u8 = 7;
+/// `openat2` whose `open_how.flags` were rewritten between the agent's read and the kernel's
+/// copy: the file came back writable although a read was judged.
+pub const NS_OP_OPEN_RACE: u8 = 8;
 
 /// Allowed by the rules (only exec audit events carry it).
 pub const VERDICT_ALLOWED: u8 = 1;

@@ -30,6 +30,7 @@ impl Fixture {
         build_program("memfd_exec", &dir).unwrap();
         build_program("net_probe", &dir).unwrap();
         build_program("ns_escape", &dir).unwrap();
+        build_program("open_race", &dir).unwrap();
         Fixture { dir }
     }
 
@@ -55,6 +56,7 @@ impl Fixture {
             ("memfd_exec", "/memfd_exec"),
             ("net_probe", "/net_probe"),
             ("ns_escape", "/ns_escape"),
+            ("open_race", "/open_race"),
         ] {
             docker(&[
                 "cp",
@@ -86,7 +88,7 @@ spec:
   selector:
     labels: {{palisade.test: "{label}"}}
   exec:
-    allow: [/bin/busybox, /memfd_exec, /net_probe, /ns_escape]
+    allow: [/bin/busybox, /memfd_exec, /net_probe, /ns_escape, /open_race]
   files:
     - {{path: /, access: read}}
     - {{path: /tmp/, access: any}}
@@ -514,4 +516,38 @@ fn compat_tier_keeps_the_workload_in_its_namespaces() {
         "secret read through a bind mount"
     );
     assert_eq!(rc, 137);
+}
+
+/// The openat2 access-mode race: a second thread flips `open_how.flags` between read and write
+/// while the first opens a file the policy makes read-only. The flags are read at syscall
+/// entry; an open that the kernel then performs for writing is caught at syscall exit and its
+/// caller killed before the descriptor reaches user space. The file is never written.
+#[test]
+fn compat_tier_openat2_flag_race_never_writes() {
+    let _lock = exclusive();
+    ensure_docker().unwrap();
+    let fx = Fixture::new();
+    let agent = Agent::start("race", &["--enforcer", "compat"]).unwrap();
+    let label = unique_name("race");
+    let pname = format!("race-{}", std::process::id());
+    agent
+        .write_policy("race.yaml", &policy(&pname, &label, "enforce", 1, 1))
+        .unwrap();
+    let c = fx.container(&unique_name("pal-race"), &[("palisade.test", &label)]);
+    agent.wait_bound(&c.id, &pname);
+    let from = agent.event_count();
+    let (rc, out, err) = c.exec(&["/open_race", "/ok.txt", "20000"]);
+    assert_eq!(
+        c.exec(&["cat", "/ok.txt"]).1,
+        "root-ok\n",
+        "the read-only file was written"
+    );
+    assert!(!out.contains("won"), "{out}{err}");
+    assert_eq!(rc, 137, "the race was never won, or not caught: {out}{err}");
+    let ev = agent
+        .wait_event_from(from, Duration::from_secs(5), |e| {
+            e["kind"] == "escape" && e["access"] == "open-flags-race"
+        })
+        .expect("an open-flags-race event");
+    assert_eq!(ev["verdict"], "denied", "{ev}");
 }

@@ -151,6 +151,7 @@ pub fn escape_op(op: u8) -> &'static str {
         abi::NS_OP_RAW_SOCKET => "raw-socket",
         abi::NS_OP_PACKET_SOCKET => "packet-socket",
         abi::NS_OP_PING_SOCKET => "ping-socket",
+        abi::NS_OP_OPEN_RACE => "open-flags-race",
         _ => "unknown",
     }
 }
