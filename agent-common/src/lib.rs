@@ -73,6 +73,7 @@ pub const GLOBAL_OFF_TASK_FILES: &str = "OFF_TASK_FILES";
 pub const GLOBAL_OFF_FILES_FDT: &str = "OFF_FILES_FDT";
 pub const GLOBAL_OFF_FDT_FD: &str = "OFF_FDT_FD";
 pub const GLOBAL_OFF_FDT_MAX_FDS: &str = "OFF_FDT_MAX_FDS";
+pub const GLOBAL_OFF_TASK_TGID: &str = "OFF_TASK_TGID";
 /// Inode number and kernel dev_t of the host's root directory.
 pub const GLOBAL_HOST_ROOT_INO: &str = "HOST_ROOT_INO";
 pub const GLOBAL_HOST_ROOT_DEV: &str = "HOST_ROOT_DEV";
@@ -199,6 +200,9 @@ pub const EV_FILENAME_AS_PASSED: u16 = 32;
 /// Tier-2 backstop: the image is not known to be allowed; the process was SIGSTOPped before its
 /// first instruction and waits for the agent's verdict (SIGCONT or SIGKILL).
 pub const EV_STOPPED: u16 = 64;
+/// Caught after the fact: the flags the guard read at syscall entry were rewritten before the
+/// kernel copied them (a `clone3` race caught at `task_newtask`, an `openat2` one at exit).
+pub const EV_RACE: u16 = 128;
 
 /// `PAL_STATS` indices.
 pub const STAT_RINGBUF_DROPS: u32 = 0;

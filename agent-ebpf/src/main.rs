@@ -21,6 +21,7 @@ mod sock_addr;
 mod socket_create;
 mod sys_enter;
 mod sys_exit;
+mod task_newtask;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,7 +6,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "PAL_CGROUPS")]
@@ -30,6 +30,15 @@ pub static NET_RULES: LpmTrie<NetKeyData, NetRule> = LpmTrie::with_max_entries(C
 #[map(name = "PAL_OPEN_INTENT")]
 pub static OPEN_INTENT: LruHashMap<u32, OpenIntent> =
     LruHashMap::with_max_entries(CAP_OPEN_INTENT, 0);
+
+/// Tier 2: processes created in a namespace the policy forbids (a `clone3` race caught at
+/// `task_newtask`): killed at their first syscall. Key: tgid.
+#[map(name = "PAL_DOOMED")]
+pub static DOOMED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(1024, 0);
+
+/// Tier 2: non-zero once `DOOMED` was ever written, so that `sys_enter` looks it up only then.
+#[map(name = "PAL_DOOM_ARMED")]
+pub static DOOM_ARMED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "PAL_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);

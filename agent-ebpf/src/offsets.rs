@@ -57,6 +57,7 @@ offsets!(
     OFF_FILES_FDT,
     OFF_FDT_FD,
     OFF_FDT_MAX_FDS,
+    OFF_TASK_TGID,
     HOST_MNTNS,
     HOST_ROOT_DEV,
     BACKSTOP,

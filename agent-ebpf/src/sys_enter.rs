@@ -30,7 +30,7 @@ use aya_ebpf::{
 
 use crate::{
     decide::{self, Report},
-    maps::{CGROUPS, OPEN_INTENT, scratch},
+    maps::{CGROUPS, DOOM_ARMED, DOOMED, OPEN_INTENT, scratch},
     net,
     offsets::get,
     path,
@@ -62,6 +62,9 @@ const SIGKILL: u32 = 9;
 pub fn sys_enter(ctx: BtfTracePointContext) -> u32 {
     let regs: *const u8 = ctx.arg(0);
     let id: i64 = ctx.arg(1);
+    if doomed() {
+        return kill_if(true);
+    }
     if in_compat_syscall() || id & X32_SYSCALL_BIT != 0 {
         return ia32();
     }
@@ -91,6 +94,21 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> u32 {
         ),
         _ => 0,
     }
+}
+
+/// A process created in a forbidden namespace (`task_newtask.rs`): its first syscall is its last
+/// (instructions without syscalls change nothing outside its memory).
+#[inline(always)]
+fn doomed() -> bool {
+    if DOOM_ARMED.get(0).is_none_or(|v| *v == 0) {
+        return false;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if DOOMED.get_ptr(&tgid).is_none() {
+        return false;
+    }
+    let _ = DOOMED.remove(&tgid);
+    true
 }
 
 #[inline(always)]

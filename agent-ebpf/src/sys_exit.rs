@@ -6,7 +6,7 @@
 //! read but the file came back open for writing, the caller is killed here, before the
 //! descriptor reaches user space: no byte is written through it. (An `O_TRUNC` the kernel applied
 //! during the open cannot be undone; see docs/threat-model.md.)
-use agent_common::{EV_KILLED, INTENT_USER_MEMORY, KIND_ESCAPE, NS_OP_OPEN_RACE};
+use agent_common::{EV_KILLED, EV_RACE, INTENT_USER_MEMORY, KIND_ESCAPE, NS_OP_OPEN_RACE};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
@@ -75,8 +75,9 @@ fn check_openat2(tid: u32, fd: i64) {
         rule: u32::MAX,
         ..Default::default()
     };
+    r.flags = EV_RACE;
     if deny {
-        r.flags = EV_KILLED;
+        r.flags |= EV_KILLED;
         // SAFETY: signals the current process only.
         unsafe { bpf_send_signal(SIGKILL) };
     }

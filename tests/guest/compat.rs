@@ -201,6 +201,12 @@ fn compat_tier_kernel_machinery() {
         e["kind"] == "connect" && e["verdict"] == "denied" && e["port"] == pd
     });
 
+    // The clone3 flag race (a thread rewrites the flags after the guard read them): caught with
+    // the kernel's own copy at task_newtask; the child dies at its first syscall.
+    let o = run(&["/bin/ns_escape", "clone3-race", "/tmp/ns-race", "20"]);
+    assert!(!out(&o).contains("escaped"), "clone3 race: {}", out(&o));
+    assert!(!jail.host_path("/tmp/ns-race").exists(), "race marker");
+
     // Other ways out: TCP Fast Open and AF_UNSPEC sendto are judged by the cgroup hooks; raw,
     // ping and packet sockets kill their caller (no allowRawSockets). Nothing arrives.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

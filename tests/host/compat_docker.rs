@@ -478,6 +478,18 @@ fn compat_tier_keeps_the_workload_in_its_namespaces() {
         assert!(ev["flags"].to_string().contains("killed"), "{ev}");
         assert_eq!(container_name(&ev), Some(c.name.as_str()), "{ev}");
     }
+    // The clone3 race: a flipping thread rewrites clone_args.flags between the guard's read at
+    // entry and the kernel's copy; the kernel's own flags (task_newtask) still catch it, and the
+    // child dies at its first syscall, before it can create the marker.
+    let from = agent.event_count();
+    let (_, out, err) = c.exec(&["/ns_escape", "clone3-race", "/tmp/ns-race", "40"]);
+    assert!(!out.contains("escaped"), "clone3 race: {out}{err}");
+    assert_ne!(c.exec(&["test", "-e", "/tmp/ns-race"]).0, 0, "race marker");
+    let raced = agent.wait_event_from(from, Duration::from_secs(5), |e| {
+        e["kind"] == "escape" && e["flags"].to_string().contains("race")
+    });
+    assert!(raced.is_some(), "the race path was never taken: {out}");
+
     // Raw, ping and packet sockets (Docker's default capabilities include CAP_NET_RAW): the
     // caller is killed at socket(); a raw UDP datagram never reaches the listener.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -113,8 +113,8 @@ pub struct Loaded {
     syscall_hooks: Vec<SyscallHook>,
 }
 
-/// Tier 2's per-syscall programs.
-const SYSCALL_HOOKS: [&str; 2] = ["sys_enter", "sys_exit"];
+/// Tier 2's programs on the syscall path (every syscall, every fork).
+const SYSCALL_HOOKS: [&str; 3] = ["sys_enter", "sys_exit", "task_newtask"];
 
 enum SyscallHook {
     Owned(&'static str, aya::programs::tp_btf::BtfTracePointLinkId),

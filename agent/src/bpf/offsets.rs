@@ -48,6 +48,7 @@ pub const OFFSETS: &[(&str, &str, &str)] = &[
     (abi::GLOBAL_OFF_FILES_FDT, "files_struct", "fdt"),
     (abi::GLOBAL_OFF_FDT_FD, "fdtable", "fd"),
     (abi::GLOBAL_OFF_FDT_MAX_FDS, "fdtable", "max_fds"),
+    (abi::GLOBAL_OFF_TASK_TGID, "task_struct", "tgid"),
     (abi::GLOBAL_OFF_CGROUP_KN, "cgroup", "kn"),
     (abi::GLOBAL_OFF_CGROUP_PARENT, "cgroup", "self.parent"),
     (abi::GLOBAL_OFF_KERNFS_NODE_ID, "kernfs_node", "id"),

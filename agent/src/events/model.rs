@@ -178,6 +178,7 @@ pub fn flag_strings(flags: u16) -> Vec<String> {
         (abi::EV_KILLED, "killed"),
         (abi::EV_SENDMSG, "sendmsg"),
         (abi::EV_FILENAME_AS_PASSED, "filename-as-passed"),
+        (abi::EV_RACE, "race"),
     ];
     names
         .iter()
