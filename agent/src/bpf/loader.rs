@@ -19,7 +19,13 @@ use aya::{
 use thiserror::Error;
 use tracing::{debug, info};
 
-use super::{EBPF_OBJECT, btf::KernelBtf, offsets, pins::Pins};
+use super::{
+    EBPF_OBJECT,
+    btf::KernelBtf,
+    offsets,
+    pins::Pins,
+    syscall_hooks::{SYSCALL_HOOKS, SyscallHook},
+};
 
 /// Enforcement tier (DESIGN.md §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -93,7 +99,7 @@ pub struct Maps {
 }
 
 /// How the attachments live.
-enum Links {
+pub(super) enum Links {
     /// Owned by this process: they detach when it exits (tests).
     Owned(StdHashMap<u64, Vec<(&'static str, CgroupSockAddrLinkId)>>),
     /// Pinned in bpffs: they outlive a crash; [`Loaded::release`] detaches them.
@@ -106,19 +112,11 @@ enum Links {
 
 /// The loaded object and its attachments.
 pub struct Loaded {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     pub tier: Tier,
-    links: Links,
-    /// Tier 2's `sys_enter`/`sys_exit` links while attached (pinned ones unpin on detach).
-    syscall_hooks: Vec<SyscallHook>,
-}
-
-/// Tier 2's programs on the syscall path (every syscall, every fork).
-const SYSCALL_HOOKS: [&str; 3] = ["sys_enter", "sys_exit", "task_newtask"];
-
-enum SyscallHook {
-    Owned(&'static str, aya::programs::tp_btf::BtfTracePointLinkId),
-    Pinned(PinnedLink),
+    pub(super) links: Links,
+    /// Tier 2's syscall-path links while attached (pinned ones unpin on detach).
+    pub(super) syscall_hooks: Vec<SyscallHook>,
 }
 
 fn host_mntns() -> u32 {
@@ -264,43 +262,6 @@ impl Loaded {
             pins.drop_stale();
         }
         Ok((loaded, maps, ring))
-    }
-
-    /// Tier 2: attach (or detach) the per-syscall programs. Every syscall of the node pays for
-    /// them (measured in `cargo xtask bench`), so they run only while a policy needs them.
-    pub fn set_syscall_hooks(&mut self, on: bool) -> Result<(), LoadError> {
-        if self.tier != Tier::Compat || on == !self.syscall_hooks.is_empty() {
-            return Ok(());
-        }
-        if !on {
-            for h in self.syscall_hooks.drain(..) {
-                match h {
-                    SyscallHook::Owned(name, id) => {
-                        if let Ok(p) = program::<BtfTracePoint>(&mut self.ebpf, name) {
-                            let _ = p.detach(id);
-                        }
-                    }
-                    SyscallHook::Pinned(l) => drop(l.unpin()),
-                }
-            }
-            info!("per-syscall hooks detached (no policy polices a section)");
-            return Ok(());
-        }
-        for name in SYSCALL_HOOKS {
-            let err = |source| LoadError::Program { name, source };
-            let p: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
-            let id = p.attach().map_err(err)?;
-            let hook = match &self.links {
-                Links::Owned(_) => SyscallHook::Owned(name, id),
-                Links::Pinned { pins, .. } => {
-                    let link = p.take_link(id).map_err(err)?;
-                    SyscallHook::Pinned(pins.pin(name, link.into()).map_err(LoadError::Pin)?)
-                }
-            };
-            self.syscall_hooks.push(hook);
-        }
-        info!("per-syscall hooks attached");
-        Ok(())
     }
 
     /// Tier 2: attach the egress hooks to one cgroup (idempotent). These are bpf_links, which

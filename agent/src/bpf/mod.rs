@@ -5,6 +5,7 @@ pub mod offsets;
 pub mod pins;
 pub mod probe;
 pub mod ringbuf;
+pub mod syscall_hooks;
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 pub static EBPF_OBJECT: &[u8] =
