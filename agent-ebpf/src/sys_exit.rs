@@ -6,7 +6,7 @@
 //! read but the file came back open for writing, the caller is killed here, before the
 //! descriptor reaches user space: no byte is written through it. (An `O_TRUNC` the kernel applied
 //! during the open cannot be undone; see docs/threat-model.md.)
-use agent_common::{EV_KILLED, EV_RACE, INTENT_USER_MEMORY, KIND_ESCAPE, NS_OP_OPEN_RACE};
+use agent_common::{EV_KILLED, EV_RACE, INTENT_USER_MEMORY, NS_OP_OPEN_RACE, POLICE_FILES};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    decide::{self, Report},
+    decide,
     maps::OPEN_INTENT,
     offsets::{get, read},
     sys_enter::{NR_CREAT, NR_OPEN, NR_OPEN_BY_HANDLE_AT, NR_OPENAT, NR_OPENAT2},
@@ -67,21 +67,10 @@ fn check_openat2(tid: u32, fd: i64) {
     let Some(sub) = decide::current() else {
         return;
     };
-    let (verdict, deny) = decide::judge(&sub.pol, false);
-    let mut r = Report {
-        kind: KIND_ESCAPE,
-        verdict,
-        access: NS_OP_OPEN_RACE,
-        rule: u32::MAX,
-        ..Default::default()
-    };
-    r.flags = EV_RACE;
-    if deny {
-        r.flags |= EV_KILLED;
+    if decide::escape(&sub, NS_OP_OPEN_RACE, EV_KILLED | EV_RACE, POLICE_FILES, 0) {
         // SAFETY: signals the current process only.
         unsafe { bpf_send_signal(SIGKILL) };
     }
-    decide::emit(&sub, &r, core::ptr::null());
 }
 
 /// `f_mode` of the current task's descriptor `fd`.

@@ -153,14 +153,10 @@ fn compat_tier_kernel_machinery() {
 
     // No namespace or root of its own: the caller is killed at syscall entry, before the
     // namespace or the child exists.
-    for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {
-        let marker = if how == "chroot" {
-            "/ns-chroot".to_string() // resolved inside the new root, /tmp
-        } else {
-            format!("/tmp/ns-{how}")
-        };
+    for case in palisade_tests::attack::escapes("/tmp", "ia32-syscall") {
+        let how = case.how;
         let from = agent.event_count();
-        let o = run(&["/bin/ns_escape", how, &marker]);
+        let o = run(&["/bin/ns_escape", how, &case.marker_arg]);
         assert!(!out(&o).contains("escaped"), "{how}: {}", out(&o));
         assert!(
             std::os::unix::process::ExitStatusExt::signal(&o.status) == Some(9),
@@ -169,18 +165,13 @@ fn compat_tier_kernel_machinery() {
             out(&o)
         );
         assert!(
-            !jail.host_path(&format!("/tmp/ns-{how}")).exists(),
+            !jail.host_path(&case.marker).exists(),
             "{how}: marker created"
         );
-        let op = match how {
-            "chroot" => "chroot",
-            "ia32" => "ia32-syscall",
-            _ => "userns",
-        };
         event(&agent, from, "escape denied", |e| {
             e["kind"] == "escape"
                 && e["verdict"] == "denied"
-                && e["access"] == op
+                && e["access"] == case.op
                 && e["flags"].to_string().contains("killed")
         });
     }

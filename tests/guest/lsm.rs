@@ -305,28 +305,18 @@ fn lsm_tier_behaviour_table() {
 
     // No namespace or root of its own, where a forbidden file could take an allowed name:
     // user+mount namespace by unshare, clone and clone3, and chroot. Denied before it exists.
-    for how in ["unshare", "clone", "clone3", "ia32", "chroot"] {
-        // For chroot the marker path is resolved inside the new root (/tmp).
-        let marker = if how == "chroot" {
-            "/t/ns-chroot".to_string()
-        } else {
-            format!("{T}/ns-{how}")
-        };
+    for case in palisade_tests::attack::escapes(T, "userns") {
+        let how = case.how;
         let from = g.agent.event_count();
-        let o = g.run(&["/bin/ns_escape", how, &marker]).unwrap();
+        let o = g.run(&["/bin/ns_escape", how, &case.marker_arg]).unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(!out.contains("escaped"), "{how}: {out}");
         assert!(!o.status.success(), "{how}: {out}");
         assert!(
-            !std::path::Path::new(&format!("{T}/ns-{how}")).exists(),
+            !std::path::Path::new(&case.marker).exists(),
             "{how}: marker created"
         );
-        let op = match how {
-            "chroot" => "chroot",
-            "ia32" => "userns",
-            _ => "userns",
-        };
-        let ev = g.event(from, "escape", "denied", |e| e["access"] == op);
+        let ev = g.event(from, "escape", "denied", |e| e["access"] == case.op);
         assert_eq!(ev["source"], "lsm", "{ev}");
     }
     // The chroot attack itself: the secret, read under an allowed name.
