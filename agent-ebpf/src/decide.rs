@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{CGROUPS, EVENTS, SEEN, Scratch, bump},
+    maps::{CGROUPS, EVENTS, SEEN, Scratch, bump, scratch},
     offsets::{get, read},
 };
 
@@ -125,6 +125,9 @@ pub fn escape(sub: &Subject, op: u8, flags: u16, police: u8, allow: u8) -> bool 
         return false;
     }
     let (verdict, deny) = judge(&sub.pol, false);
+    if verdict == VERDICT_LEARNED && !first_escape(sub, op) {
+        return false;
+    }
     let r = Report {
         kind: KIND_ESCAPE,
         verdict,
@@ -135,6 +138,18 @@ pub fn escape(sub: &Subject, op: u8, flags: u16, police: u8, allow: u8) -> bool 
     };
     emit(sub, &r, core::ptr::null());
     deny
+}
+
+/// The first time this escape `op` is seen in the ruleset generation (learn-mode
+/// de-duplication, as for every other kind).
+#[inline(always)]
+pub fn first_escape(sub: &Subject, op: u8) -> bool {
+    let Some(s) = scratch() else {
+        return true;
+    };
+    crate::path::put_ruleset(s, sub.pol.ruleset);
+    crate::path::clear_tail(s, RULESET_BYTES);
+    first_sighting(s, KIND_ESCAPE, op, 0)
 }
 
 /// Longest-prefix lookup of the path in `s` (resolved by `path::resolve`, `len` with NUL).

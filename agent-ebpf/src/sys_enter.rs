@@ -17,7 +17,6 @@
 use agent_common::{
     ALLOW_RAW_SOCKETS, EV_KILLED, INTENT_REGISTER, INTENT_USER_MEMORY, KIND_ESCAPE, NS_OP_CHROOT,
     NS_OP_IA32, NS_OP_MOUNTNS, NS_OP_USERNS, OpenIntent, POLICE_EXEC, POLICE_FILES, POLICE_NET,
-    RULESET_BYTES,
 };
 use aya_ebpf::{
     helpers::{
@@ -30,10 +29,9 @@ use aya_ebpf::{
 
 use crate::{
     decide::{self, Report},
-    maps::{CGROUPS, DOOM_ARMED, DOOMED, OPEN_INTENT, scratch},
+    maps::{CGROUPS, DOOM_ARMED, DOOMED, OPEN_INTENT},
     net,
     offsets::get,
-    path,
 };
 
 pub const NR_OPEN: i64 = 2;
@@ -205,14 +203,9 @@ fn ia32() -> u32 {
     if deny {
         r.flags = EV_KILLED;
         kill_if(true);
-    } else {
+    } else if !decide::first_escape(&sub, NS_OP_IA32) {
         // Every syscall of a 32-bit program would report: once per ruleset is enough.
-        let Some(s) = scratch() else { return 0 };
-        path::put_ruleset(s, sub.pol.ruleset);
-        path::clear_tail(s, RULESET_BYTES);
-        if !decide::first_sighting(s, KIND_ESCAPE, NS_OP_IA32, 0) {
-            return 0;
-        }
+        return 0;
     }
     decide::emit(&sub, &r, core::ptr::null());
     0

@@ -398,6 +398,24 @@ fn lsm_tier_behaviour_table() {
         .filter(|e| e["verdict"] == "learned" && e["path"] == format!("{T}/allowed.txt").as_str())
         .count();
     assert_eq!(n, 1, "one learned observation for three reads");
+    // Escapes are observed too, each kind once per generation, and not denied.
+    let from = g.agent.event_count();
+    for _ in 0..3 {
+        let o = g
+            .run(&["/bin/net_probe", "packet", "127.0.0.1", "0"])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "ok",
+            "learn allows"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let n = g.agent.events()[from..]
+        .iter()
+        .filter(|e| e["kind"] == "escape" && e["verdict"] == "learned")
+        .count();
+    assert_eq!(n, 1, "one learned escape for three packet sockets");
 }
 
 #[test]
